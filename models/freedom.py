@@ -60,6 +60,7 @@ from models.graph import (
     normalized_adjacency,
     num_kept_edges,
     propagate,
+    transpose_graph,
     prune_edges,
     training_edges,
 )
@@ -231,6 +232,11 @@ class FREEDOM(nnx.Module):
         self.item_graph_rows = Constant(item_graph.rows)
         self.item_graph_cols = Constant(item_graph.cols)
         self.item_graph_weights = Constant(item_graph.weights)
+        # The kNN graph is not symmetric, so its gradient needs the transposed edge list.
+        transposed = transpose_graph(item_graph)
+        self.item_graph_transpose_rows = Constant(transposed.rows)
+        self.item_graph_transpose_cols = Constant(transposed.cols)
+        self.item_graph_transpose_weights = Constant(transposed.weights)
 
         self.user_embedding = nnx.Param(
             xavier_uniform(rngs.params(), (self.num_users, self.embedding_dim))
@@ -300,6 +306,14 @@ class FREEDOM(nnx.Module):
         """Return the frozen kNN item-item graph."""
         return Graph(self.item_graph_rows[...], self.item_graph_cols[...], self.item_graph_weights[...])
 
+    def item_graph_transpose(self) -> Graph:
+        """Return the transpose of the kNN item-item graph, rows sorted."""
+        return Graph(
+            self.item_graph_transpose_rows[...],
+            self.item_graph_transpose_cols[...],
+            self.item_graph_transpose_weights[...],
+        )
+
     def train_graph(self, key: jax.Array) -> Graph:
         """Sample this epoch's degree-sensitive pruned user-item graph (jittable).
 
@@ -330,7 +344,9 @@ class FREEDOM(nnx.Module):
         item_graph = self.item_graph()
         item_item = self.item_embedding[...]
         for _ in range(self.num_item_graph_layers):
-            item_item = propagate(item_graph, item_item, self.num_items)
+            item_item = propagate(
+                item_graph, item_item, self.num_items, transpose=self.item_graph_transpose()
+            )
 
         return user_item[: self.num_users], user_item[self.num_users :] + item_item
 
@@ -380,5 +396,9 @@ class FREEDOM(nnx.Module):
         self.item_graph_rows.set_value(item_graph.rows)
         self.item_graph_cols.set_value(item_graph.cols)
         self.item_graph_weights.set_value(item_graph.weights)
+        transposed = transpose_graph(item_graph)
+        self.item_graph_transpose_rows.set_value(transposed.rows)
+        self.item_graph_transpose_cols.set_value(transposed.cols)
+        self.item_graph_transpose_weights.set_value(transposed.weights)
         for name in self.modalities:
             self.feature_tables[name].set_value(jnp.asarray(checked[name]))
