@@ -113,7 +113,10 @@ def _check_count(name: str, value: Any, *, minimum: int) -> None:
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-  """Build the optimizer named in ``config``, wrapped with MG when ``config.mg``.
+  """Build the optimizer named in ``config``, chained with MG when ``config.mg``.
+
+  ``mirror_gradient`` goes before the optimizer for the "gradient" placement and after it
+  for the "update" placement.
 
   Weight decay follows PyTorch's optimizers: ``adamw`` decouples it, the others add
   ``weight_decay * params`` to the gradient. With MG at the gradient placement, the scales
@@ -131,13 +134,11 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
   if not config.mg:
     return optimizer
-  return optax_mg.with_mirror_gradient(
-      optimizer,
-      config.interval,
-      descent_scale=config.descent_scale,
-      ascent_scale=config.ascent_scale,
-      placement=config.placement,
-  )
+  mirror = optax_mg.mirror_gradient(config.interval, descent_scale=config.descent_scale,
+                                    ascent_scale=config.ascent_scale)
+  if config.placement == "gradient":
+    return optax.chain(mirror, optimizer)
+  return optax.chain(optimizer, mirror)
 
 
 class ProgramData(NamedTuple):
@@ -225,26 +226,54 @@ class TrainingProgram:
     def loss_fn(params, batch):
       return self.model(params, data.constants).loss(batch, graph)
 
-    opt_state = state.opt_state
-    if self.config.mg:
-      step = optax_mg.mirror_train_step(loss_fn, self.optimizer)
-      opt_state = optax_mg.restart_cycle(opt_state)
-    else:
-      step = self._plain_step(loss_fn)
+    plain_step = self._plain_step(loss_fn)
+    carry = (state.params, state.opt_state)
+    if not self.config.mg:
+      carry, losses = jax.lax.scan(plain_step, carry, batches)
+      return TrainState(*carry), jnp.mean(losses)
 
-    def body(carry, batch):
-      params, opt_state = carry
-      params, opt_state, loss = step(params, opt_state, batch)
-      return (params, opt_state), loss
+    # The reference restarts the batch counter every epoch, so mirror batches sit at the
+    # static positions 0, interval, 2 * interval, ... The epoch is therefore a scan over
+    # groups of `interval` batches whose first batch takes MG's two updates, and no
+    # lax.cond decides per batch (on CPU a cond copied the whole optimizer state).
+    mirror_step = self._mirror_step(loss_fn)
+    interval = self.config.interval
+    num_batches = batches.users.shape[0]
+    num_groups, remainder = divmod(num_batches, interval)
+    carry = (carry[0], optax_mg.restart_cycle(carry[1]))
 
-    (params, opt_state), losses = jax.lax.scan(body, (state.params, opt_state), batches)
-    return TrainState(params, opt_state), jnp.mean(losses)
+    def group_step(carry, group):
+      carry, first_loss = mirror_step(carry, jax.tree.map(lambda x: x[0], group))
+      carry, losses = jax.lax.scan(plain_step, carry, jax.tree.map(lambda x: x[1:], group))
+      return carry, jnp.concatenate([first_loss[None], losses])
+
+    grouped = jax.tree.map(
+        lambda x: x[: num_groups * interval].reshape(num_groups, interval, *x.shape[1:]),
+        batches)
+    carry, losses = jax.lax.scan(group_step, carry, grouped)
+    losses = [losses.reshape(-1)]
+    if remainder:
+      carry, tail_losses = group_step(
+          carry, jax.tree.map(lambda x: x[num_groups * interval:], batches))
+      losses.append(tail_losses)
+    return TrainState(*carry), jnp.mean(jnp.concatenate(losses))
 
   def _plain_step(self, loss_fn: Callable) -> Callable:
-    def step(params, opt_state, batch):
+    def step(carry, batch):
+      params, opt_state = carry
       loss, grads = jax.value_and_grad(loss_fn)(params, batch)
       updates, opt_state = self.optimizer.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, loss
+      return (optax.apply_updates(params, updates), opt_state), loss
+    return step
+
+  def _mirror_step(self, loss_fn: Callable) -> Callable:
+    """Build the step of a mirror batch: descent update, then the same-batch mirror update."""
+    plain_step = self._plain_step(loss_fn)
+
+    def step(carry, batch):
+      carry, loss = plain_step(carry, batch)
+      carry, _ = plain_step(carry, batch)
+      return carry, loss
     return step
 
   def evaluate_metrics(self, params: Any, data: ProgramData, split: str) -> dict[str, jax.Array]:
