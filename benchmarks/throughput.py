@@ -3,6 +3,7 @@
 Examples:
   python -m benchmarks.throughput                               # synthetic data, all models
   python -m benchmarks.throughput --data-dir ../shared/data/tiktok --models freedom
+  python -m benchmarks.throughput --models lightgcn --device-counts 1 2 4
 
 For each model, one process builds a plain and an MG `TrainingProgram` and times the
 trainer's own compiled functions (``train_epoch_fn`` and ``evaluate_fn``):
@@ -24,6 +25,15 @@ trainer restarts the MG cycle every epoch, so an epoch of ``N`` batches contains
 ``(N + ceil(N / interval)) / N``, and ``(interval + 1) / interval`` is its limit for long
 epochs.
 
+``--device-counts`` sweeps the number of data-parallel devices instead: it runs this
+benchmark once per count in a child process with ``--devices N`` and
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (which gives N virtual devices on
+the CPU backend and leaves other backends alone). It then reports per count the median
+epoch time, steps per second, scaling efficiency relative to the smallest count, and
+whether the losses after the first and the last epoch equal those of the smallest count.
+Virtual CPU devices share the same CPUs, so on CPU the sweep measures the overhead of
+partitioning and checks the results, but cannot show a speed-up.
+
 The benchmark sets no thread count. XLA sizes its CPU thread pools from the CPUs the process
 may run on, so run it under ``taskset -c LIST`` to use fewer CPUs; the JSON records the CPU
 affinity. Writes ``--out`` (default ``runs/throughput-<dataset>.json``) and prints a
@@ -44,7 +54,9 @@ import platform
 import resource
 import shlex
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,7 +65,8 @@ from typing import Any
 import jax
 
 from benchmarks.train import (add_data_arguments, add_model_arguments,
-                              add_training_arguments, load_data, make_config,
+                              add_parallel_arguments, add_training_arguments,
+                              check_parallel_arguments, load_data, make_config,
                               positive_int)
 from models.data import Dataset
 from models.registry import MODEL_NAMES
@@ -71,6 +84,11 @@ COMPILED_MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes",
                           "generated_code_size_in_bytes", "peak_memory_in_bytes")
 # Keys of jax.Device.memory_stats() kept in the report, where the backend has them.
 DEVICE_MEMORY_FIELDS = ("peak_bytes_in_use", "bytes_in_use", "bytes_limit")
+# Losses of a device-count sweep count as equal to the baseline's within these tolerances:
+# more devices only change the order of float sums.
+LOSS_RTOL = 1e-4
+LOSS_ATOL = 1e-6
+VIRTUAL_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 
 
 def mirror_batches_per_epoch(batches: int, interval: int) -> int:
@@ -194,6 +212,7 @@ class _Arm:
   eval_seconds: dict[str, list[float]] = dataclasses.field(
       default_factory=lambda: {split: [] for split in SPLITS})
   last_loss: float = math.nan
+  first_loss: float = math.nan
 
   def compile_epoch(self) -> None:
     """Time the lowering and compilation of the epoch function, as `fit` does."""
@@ -214,8 +233,10 @@ class _Arm:
     program = self.program
     key = program.epoch_key(program.config.seed, self.epochs_run)
     (self.state, loss), seconds = _timed(lambda: program.train_epoch(self.state, key))
-    self.epochs_run += 1
     self.last_loss = float(loss)
+    if self.epochs_run == 0:
+      self.first_loss = self.last_loss
+    self.epochs_run += 1
     return seconds
 
   def compile_evaluation(self) -> None:
@@ -341,6 +362,8 @@ def _arm_report(arm: _Arm, batches: int, mirror: int) -> dict[str, Any]:
           **{split: summarize(arm.eval_seconds[split]) for split in SPLITS},
       },
       "last_epoch_loss": arm.last_loss if math.isfinite(arm.last_loss) else None,
+      "first_epoch_loss": arm.first_loss if math.isfinite(arm.first_loss) else None,
+      "epochs_run": arm.epochs_run,
   }
 
 
@@ -415,6 +438,140 @@ def format_table(report: dict[str, Any]) -> str:
                f"{memory['process_peak_rss_bytes'] / 2**20:.1f} MiB.")
   return "\n".join(lines)
 
+# Options of the sweep itself, which its child processes must not get.
+SWEEP_OPTIONS = ("--device-counts", "--devices", "--out")
+
+
+def child_arguments(argv: Sequence[str], devices: int, out: Path) -> list[str]:
+  """Return the command line of one sweep child: ``argv`` without the sweep's options."""
+  remaining = []
+  skipping = False
+  for token in argv:
+    name = token.split("=", 1)[0]
+    if name in SWEEP_OPTIONS:
+      skipping = "=" not in token
+      continue
+    if skipping and not token.startswith("-"):
+      continue
+    skipping = False
+    remaining.append(token)
+  return [*remaining, "--devices", str(devices), "--out", str(out)]
+
+
+def child_environment(devices: int) -> dict[str, str]:
+  """Return this process's environment with XLA_FLAGS asking for ``devices`` CPU devices."""
+  flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+           if not flag.startswith(VIRTUAL_DEVICES_FLAG)]
+  flags.append(f"{VIRTUAL_DEVICES_FLAG}={devices}")
+  return {**os.environ, "XLA_FLAGS": " ".join(flags)}
+
+
+def run_device_count(argv: Sequence[str], devices: int, folder: Path) -> dict[str, Any]:
+  """Run the benchmark on ``devices`` devices in a child process and return its report."""
+  out = folder / f"devices-{devices}.json"
+  command = [sys.executable, "-m", "benchmarks.throughput", *child_arguments(argv, devices, out)]
+  logger.info("%d devices: running %s", devices, shlex.join(command))
+  completed = subprocess.run(command, env=child_environment(devices), capture_output=True,
+                             text=True, check=False)
+  if completed.returncode != 0:
+    raise RuntimeError(f"the benchmark on {devices} devices failed with exit code"
+                       f" {completed.returncode}:\n{completed.stderr[-3000:]}")
+  return json.loads(out.read_text())
+
+
+def _losses_equal(value: float | None, baseline: float | None) -> bool:
+  if value is None or baseline is None:
+    return False
+  return math.isclose(value, baseline, rel_tol=LOSS_RTOL, abs_tol=LOSS_ATOL)
+
+
+def scaling_report(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
+  """Compare each device count's epochs with those of the smallest count.
+
+  Scaling efficiency is ``(t_base * base) / (t_n * n)`` for median epoch times ``t``: 1.0
+  means perfect linear speed-up, and 1 / n means no speed-up at all.
+  """
+  base = min(runs)
+  scaling: dict[str, Any] = {}
+  for model, base_entry in runs[base]["models"].items():
+    scaling[model] = {}
+    for arm, base_arm in base_entry["arms"].items():
+      base_seconds = base_arm["epoch_seconds"]["median"]
+      rows = []
+      for devices, report in sorted(runs.items()):
+        entry = report["models"][model]["arms"][arm]
+        seconds = entry["epoch_seconds"]["median"]
+        rows.append({
+            "devices": devices,
+            "available_devices": report["environment"]["device_count"],
+            "epoch_seconds": entry["epoch_seconds"],
+            "steps_per_second": entry["steps_per_second"],
+            "speedup": base_seconds / seconds,
+            "scaling_efficiency": (base_seconds * base) / (seconds * devices),
+            "first_epoch_loss": entry["first_epoch_loss"],
+            "last_epoch_loss": entry["last_epoch_loss"],
+            "first_epoch_loss_equal": _losses_equal(entry["first_epoch_loss"],
+                                                    base_arm["first_epoch_loss"]),
+            "last_epoch_loss_equal": _losses_equal(entry["last_epoch_loss"],
+                                                   base_arm["last_epoch_loss"]),
+        })
+      scaling[model][arm] = rows
+  return scaling
+
+
+def sweep_note(runs: dict[int, dict[str, Any]]) -> str:
+  """Say what the sweep's figures mean on the backend the children ran on."""
+  environment = runs[min(runs)]["environment"]
+  if environment["backend"] != "cpu":
+    return (f"{environment['backend']} devices; the figures include any speed-up from more"
+            " devices.")
+  affinity = environment["cpu_affinity"]
+  cpus = len(affinity) if affinity else environment["cpu_count"]
+  return (f"Virtual CPU devices ({VIRTUAL_DEVICES_FLAG}) share the same {cpus} CPUs, so these"
+          " figures measure the overhead of partitioning and check that results equal those"
+          " of the smallest count; they cannot show a speed-up.")
+
+
+def format_sweep_table(report: dict[str, Any]) -> str:
+  """Render a device-count sweep as a Markdown table, with its note below."""
+  base = min(report["device_counts"])
+  header = ["model", "arm", "devices", "epoch s median (min-max)", "steps/s",
+            f"scaling efficiency vs {base}",
+            f"loss after epoch 1 (last) equal to {base} device{'s' if base > 1 else ''}"]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for model, arms in report["scaling"].items():
+    for arm, rows in arms.items():
+      for row in rows:
+        epochs = row["epoch_seconds"]
+        equal = "yes" if row["first_epoch_loss_equal"] and row["last_epoch_loss_equal"] else "NO"
+        lines.append("| " + " | ".join([
+            model, arm, str(row["devices"]),
+            f"{epochs['median']:.4f} ({epochs['min']:.4f}-{epochs['max']:.4f})",
+            f"{row['steps_per_second']:.1f}", f"{row['scaling_efficiency']:.3f}",
+            f"{equal}: {row['first_epoch_loss']:.6f} ({row['last_epoch_loss']:.6f})",
+        ]) + " |")
+  lines.append("")
+  lines.append(report["note"])
+  return "\n".join(lines)
+
+
+def run_device_sweep(argv: Sequence[str], counts: Sequence[int], out: Path) -> dict[str, Any]:
+  """Run the benchmark once per device count, each in its own process, and compare them."""
+  with tempfile.TemporaryDirectory(prefix="throughput-sweep-") as folder:
+    runs = {devices: run_device_count(argv, devices, Path(folder)) for devices in counts}
+  report = {
+      "benchmark": "throughput-device-sweep",
+      "command": shlex.join(["python", "-m", "benchmarks.throughput", *argv]),
+      "device_counts": list(counts),
+      "loss_tolerance": {"rtol": LOSS_RTOL, "atol": LOSS_ATOL},
+      "note": sweep_note(runs),
+      "scaling": scaling_report(runs),
+      "runs": {str(devices): run for devices, run in runs.items()},
+  }
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(report, indent=2, allow_nan=False))
+  return report
+
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
@@ -433,8 +590,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="timed epochs and evaluations per arm (default: 5)")
   parser.add_argument("--seed", type=int, default=999,
                       help="seed of the initial parameters and of each epoch's batches")
+  add_parallel_arguments(parser, distributed=False)
+  parser.add_argument("--device-counts", type=positive_int, nargs="+", metavar="N",
+                      help="run the benchmark once per device count, each in a child process"
+                           " with N virtual CPU devices, and report scaling and whether the"
+                           " losses match the smallest count. Excludes --devices")
   parser.add_argument("--out", type=Path,
-                      help="JSON output file (default: runs/throughput-<dataset>.json)")
+                      help="JSON output file (default: runs/throughput-<dataset>.json, or"
+                           " runs/throughput-devices-<dataset>.json with --device-counts)")
   parser.add_argument("--reference-epoch-seconds", type=parse_reference, nargs="+",
                       default=[], metavar="MODEL=ARM:SECONDS",
                       help="epoch times in seconds of another implementation, e.g."
@@ -449,6 +612,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   logging.basicConfig(level=args.log_level,
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  if args.device_counts:
+    return _main_device_sweep(args, argv, parser)
+  check_parallel_arguments(args, parser)
 
   dataset = load_data(args, parser)
   try:
@@ -481,6 +647,25 @@ def main(argv: Sequence[str] | None = None) -> int:
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(report, indent=2, allow_nan=False))
   print(format_table(report))
+  print(f"wrote {out}")
+  return 0
+
+
+
+def _main_device_sweep(args: argparse.Namespace, argv: Sequence[str],
+                       parser: argparse.ArgumentParser) -> int:
+  # Only the children start a JAX backend, so this process allocates no accelerator memory.
+  if args.devices is not None:
+    parser.error("argument --device-counts: not allowed with --devices")
+  counts = sorted(set(args.device_counts))
+  name = args.data_dir.name if args.data_dir is not None else args.dataset
+  out = args.out or Path("runs") / f"throughput-devices-{name}.json"
+  try:
+    report = run_device_sweep(argv, counts, out)
+  except RuntimeError as error:
+    logger.error("%s", error)
+    return 1
+  print(format_sweep_table(report))
   print(f"wrote {out}")
   return 0
 

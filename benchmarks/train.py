@@ -3,10 +3,16 @@
 Examples:
   python -m benchmarks.train --model lightgcn                  # synthetic data
   python -m benchmarks.train --model freedom --data-dir ../shared/data/tiktok --mg
+  python -m benchmarks.train --model lightgcn --devices 4 --shard-embeddings
 
 Writes ``results.json`` (configuration, per-epoch loss, validation metrics and times, best
 epoch, test metrics at the best validation epoch, wall times, JAX version and backend) and
 orbax checkpoints of the latest and best states into ``--out``.
+
+Multi-process runs start the same command in every process, with JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID set or with ``--distributed`` under a cluster manager.
+Every process loads the dataset and trains its share of each batch. Process 0 writes
+results.json and the progress files, and all processes write the checkpoint shards.
 """
 
 from __future__ import annotations
@@ -19,8 +25,11 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import jax
+
 import optax_mg
 from models.data import DatasetError, load_dataset
+from models.parallel import maybe_initialize_distributed, resolve_device_count
 from models.registry import MODEL_NAMES
 from models.synthetic import make_synthetic_dataset
 from models.train import (EVALUATION_KS, METRIC_NAMES, OPTIMIZER_NAMES, TrainConfig,
@@ -121,6 +130,38 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                       choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
+def add_parallel_arguments(parser: argparse.ArgumentParser, *, distributed: bool = True) -> None:
+  """Add the device count, embedding sharding and (optionally) multi-process options."""
+  parser.add_argument("--devices", type=positive_int,
+                      help="devices to train on; each batch's rows are split over them"
+                           " (default: all, jax.device_count())")
+  parser.add_argument("--shard-embeddings", action="store_true",
+                      help="split the user and item tables and their optimizer state by rows"
+                           " over the devices instead of replicating them")
+  if distributed:
+    parser.add_argument("--distributed", action="store_true",
+                        help="start multi-process JAX from the cluster manager's settings"
+                             " (Slurm, Open MPI, Cloud TPU). Without it, a multi-process run"
+                             " starts when JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and"
+                             " JAX_PROCESS_ID are set")
+
+
+def check_parallel_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+  """Start multi-process JAX if requested, then check --devices, or exit with a parser error.
+
+  Call it right after parsing: the distributed runtime must start before any other JAX call.
+  """
+  try:
+    maybe_initialize_distributed(getattr(args, "distributed", False))
+  except ValueError as error:
+    parser.error(str(error))
+  if args.devices is not None:
+    try:
+      resolve_device_count(args.devices)
+    except ValueError as error:
+      parser.error(f"argument --devices: {error}")
+
+
 def load_data(args: argparse.Namespace, parser: argparse.ArgumentParser):
   """Load the dataset the options name, or exit with a parser error."""
   try:
@@ -164,6 +205,8 @@ def make_config(args: argparse.Namespace, model: str, *, mg: bool, seed: int,
       seed=seed,
       eval_chunk_size=args.eval_chunk_size,
       checkpoint_every=getattr(args, "checkpoint_every", 5),
+      devices=getattr(args, "devices", None),
+      shard_embeddings=getattr(args, "shard_embeddings", False),
   )
 
 
@@ -191,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
   add_model_arguments(parser)
   add_data_arguments(parser)
   add_training_arguments(parser)
+  add_parallel_arguments(parser)
   parser.add_argument("--mg", action=argparse.BooleanOptionalAction, default=False,
                       help="train with Mirror Gradient (default: --no-mg)")
   parser.add_argument("--seed", type=int, default=999)
@@ -207,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
+  check_parallel_arguments(args, parser)
   logging.basicConfig(level=args.log_level,
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   # orbax logs every checkpoint write through absl at INFO level.
@@ -230,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as error:
     parser.error(str(error))
 
+  if jax.process_index() != 0:
+    return 0
   results_path = out / "results.json"
   results_path.write_text(json.dumps(result.to_dict(), indent=2))
   print(format_summary(result))

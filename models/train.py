@@ -38,8 +38,9 @@ from tqdm.auto import tqdm
 import optax_mg
 from models.data import Dataset
 from models.evaluation import Evaluator, evaluate
+from models.parallel import ShardingPlan, make_mesh, make_sharding_plan
 from models.registry import MODEL_NAMES, build_model
-from models.sampling import NegativeSampler, epoch_batches
+from models.sampling import Batch, NegativeSampler, epoch_batches
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,10 @@ class TrainConfig:
   seed: int = 999
   eval_chunk_size: int = 1024
   checkpoint_every: int = 5
+  # Devices of the data-parallel mesh; None means all devices (jax.device_count()).
+  devices: int | None = None
+  # Split the user and item tables and their optimizer moments by rows over the devices.
+  shard_embeddings: bool = False
 
   def __post_init__(self):
     if self.model not in MODEL_NAMES:
@@ -81,6 +86,11 @@ class TrainConfig:
     for name in ("batch_size", "epochs", "eval_chunk_size", "interval", "checkpoint_every"):
       _check_count(name, getattr(self, name), minimum=1)
     _check_count("patience", self.patience, minimum=0)
+    if self.devices is not None:
+      _check_count("devices", self.devices, minimum=1)
+    if not isinstance(self.shard_embeddings, bool):
+      raise ValueError(
+          f"invalid shard_embeddings {self.shard_embeddings!r}; expected True or False")
     if self.placement not in optax_mg.PLACEMENTS:
       raise ValueError(
           f"invalid placement {self.placement!r}; expected one of {optax_mg.PLACEMENTS}")
@@ -162,16 +172,26 @@ class TrainState(NamedTuple):
 class TrainingProgram:
   """The pure functions of one (dataset, config) pair, compiled once.
 
+  The program trains on a mesh of ``config.devices`` devices (`models.parallel`): `init`
+  and ``data`` place their arrays on it, and `run_epoch` splits every batch's rows over
+  the devices, so one code path serves one and many devices.
+
   Args:
     dataset: the data to train and evaluate on.
     config: the run's configuration; ``config.seed`` is not used here, so one program
       serves every seed.
+
+  Raises:
+    ValueError: when ``config.devices`` exceeds the available devices.
   """
 
   def __init__(self, dataset: Dataset, config: TrainConfig):
     self.dataset = dataset
     self.config = config
     self.optimizer = make_optimizer(config)
+    self.mesh = make_mesh(config.devices, config.shard_embeddings)
+    self.sharding: ShardingPlan = make_sharding_plan(
+        self.mesh, (dataset.num_users, dataset.num_items), config.shard_embeddings)
 
     template = build_model(config.model, dataset, rngs=nnx.Rngs(0),
                            **dict(config.model_options))
@@ -184,14 +204,15 @@ class TrainingProgram:
     }
     # Arrays derived from the data enter the compiled functions as arguments, not as
     # closed-over constants, which XLA would embed in the program and fold slowly.
-    self.data = ProgramData(
+    # Every device holds all of them: each device samples its rows of a batch itself.
+    self.data = self.sharding.replicate(ProgramData(
         constants=self.constants,
         train_users=jnp.asarray(dataset.train.users, jnp.int32),
         train_items=jnp.asarray(dataset.train.items, jnp.int32),
         sampler=NegativeSampler(dataset),
         valid_index=self.evaluators["valid"].index,
         test_index=self.evaluators["test"].index,
-    )
+    ))
 
     self.train_epoch_fn = jax.jit(self.run_epoch)
     self.evaluate_fn = jax.jit(self.evaluate_metrics, static_argnames="split")
@@ -201,26 +222,40 @@ class TrainingProgram:
     return self.train_epoch_fn(state, key, self.data)
 
   def model(self, params: Any, constants: Any) -> nnx.Module:
-    """Merge ``params`` with the model's constants into a usable model."""
-    return nnx.merge(self.graphdef, params, constants)
+    """Merge ``params`` with the model's constants into a usable model.
+
+    The model owns copies of the variables, so mutating it (``set_item_features``) leaves
+    ``params``, ``constants`` and the program's data unchanged.
+    """
+    return nnx.merge(self.graphdef, params, constants, copy=True)
 
   def init(self, seed: int) -> TrainState:
-    """Initialise parameters from ``seed`` and the optimizer state."""
+    """Initialise parameters from ``seed`` and the optimizer state, placed on the mesh."""
     model = build_model(self.config.model, self.dataset, rngs=nnx.Rngs(seed),
                         **dict(self.config.model_options))
     _, params, _ = nnx.split(model, nnx.Param, ...)
-    return TrainState(params, self.optimizer.init(params))
+    return self.sharding.place(TrainState(params, self.optimizer.init(params)))
 
   def epoch_key(self, seed: int, epoch: int) -> jax.Array:
     """Key of one epoch's order, negatives and pruned graph; equal across MG arms."""
     return jax.random.fold_in(jax.random.key(seed), epoch)
 
+  def make_batches(self, key: jax.Array, data: ProgramData) -> Batch:
+    """Shuffle and cut one epoch's batches, their rows split over the mesh (pure).
+
+    Each batch's rows are padded with masked rows to a multiple of the device count, so
+    the result has shape ``[num_batches, padded_batch_size]``.
+    """
+    batches = epoch_batches(key, data.train_users, data.train_items, data.sampler,
+                            self.config.batch_size)
+    return self.sharding.constrain_batches(self.sharding.pad_batches(batches))
+
   def run_epoch(self, state: TrainState, key: jax.Array,
                 data: ProgramData) -> tuple[TrainState, jax.Array]:
     """Train one epoch; pure, so it can be vmapped over ``state`` and ``key`` (seeds)."""
     batch_key, graph_key = jax.random.split(key)
-    batches = epoch_batches(batch_key, data.train_users, data.train_items, data.sampler,
-                            self.config.batch_size)
+    batches = self.make_batches(batch_key, data)
+    state = self.sharding.constrain(state)
     graph = self.model(state.params, data.constants).train_graph(graph_key)
 
     def loss_fn(params, batch):
@@ -230,7 +265,7 @@ class TrainingProgram:
     carry = (state.params, state.opt_state)
     if not self.config.mg:
       carry, losses = jax.lax.scan(plain_step, carry, batches)
-      return TrainState(*carry), jnp.mean(losses)
+      return self.sharding.constrain(TrainState(*carry)), jnp.mean(losses)
 
     # The reference restarts the batch counter every epoch, so mirror batches sit at the
     # static positions 0, interval, 2 * interval, ... The epoch is therefore a scan over
@@ -256,11 +291,14 @@ class TrainingProgram:
       carry, tail_losses = group_step(
           carry, jax.tree.map(lambda x: x[num_groups * interval:], batches))
       losses.append(tail_losses)
-    return TrainState(*carry), jnp.mean(jnp.concatenate(losses))
+    return self.sharding.constrain(TrainState(*carry)), jnp.mean(jnp.concatenate(losses))
 
   def _plain_step(self, loss_fn: Callable) -> Callable:
     def step(carry, batch):
       params, opt_state = carry
+      # Rows split over the devices and replicated parameters make XLA sum the gradients
+      # of the devices' rows with an all-reduce.
+      batch = self.sharding.constrain_batch(batch)
       loss, grads = jax.value_and_grad(loss_fn)(params, batch)
       updates, opt_state = self.optimizer.update(grads, opt_state, params)
       return (optax.apply_updates(params, updates), opt_state), loss
@@ -279,6 +317,10 @@ class TrainingProgram:
   def evaluate_metrics(self, params: Any, data: ProgramData, split: str) -> dict[str, jax.Array]:
     """Rank all items on the full graph for ``split``; pure and vmappable over ``params``."""
     user_emb, item_emb = self.model(params, data.constants).embed(None)
+    # With sharded tables the final embeddings stay split by rows, so each device scores
+    # a chunk of users against its share of the items.
+    # NOTE: without shard_embeddings every device runs the whole evaluation.
+    user_emb, item_emb = self.sharding.constrain((user_emb, item_emb))
     index = data.valid_index if split == "valid" else data.test_index
     return evaluate(index, user_emb, item_emb, EVALUATION_KS)
 
@@ -316,6 +358,7 @@ class TrainResult:
   wall_seconds: float
   compile_seconds: float
   best_params: Any = dataclasses.field(repr=False, default=None)
+  mesh_shape: dict[str, int] | None = None  # axis name -> devices of the training mesh
 
   def to_dict(self) -> dict[str, Any]:
     return {
@@ -334,6 +377,8 @@ class TrainResult:
         "jax_version": jax.__version__,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
+        "mesh_shape": self.mesh_shape,
+        "process_count": jax.process_count(),
     }
 
 
@@ -342,7 +387,11 @@ def _mean(values: list[float]) -> float | None:
 
 
 class _Checkpoints:
-  """Latest and best training states under ``directory``, written with orbax."""
+  """Latest and best training states under ``directory``, written with orbax.
+
+  In a multi-process run every process calls `save` and `restore`, because orbax writes
+  and reads sharded arrays collectively; only process 0 writes the progress JSON.
+  """
 
   def __init__(self, directory: Path):
     import orbax.checkpoint as ocp  # Imported here: only runs that write need it.
@@ -357,6 +406,8 @@ class _Checkpoints:
                                                    "opt_state": state.opt_state},
                            force=True)
     self.checkpointer.wait_until_finished()
+    if jax.process_index() != 0:
+      return
     progress_path = self.directory / f"{name}.json"
     temporary = progress_path.with_suffix(".json.tmp")
     temporary.write_text(json.dumps(progress))
@@ -479,7 +530,7 @@ def fit(
   stop_reason = f"reached {config.epochs} epochs"
   early_stop_reason = f"early stopping: no improvement for {config.patience + 1} evaluations"
   bar = tqdm(range(first_epoch, config.epochs), desc=f"{config.model}{' MG' if config.mg else ''}",
-             disable=not progress, unit="epoch")
+             disable=not progress or jax.process_index() != 0, unit="epoch")
   for epoch in bar:
     if stopping.should_stop:
       stop_reason = early_stop_reason
@@ -535,13 +586,16 @@ def fit(
       wall_seconds=time.perf_counter() - start,
       compile_seconds=compile_seconds,
       best_params=best_state.params,
+      mesh_shape=dict(program.mesh.shape),
   )
 
 
 def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
   current = config.to_dict()
+  # The device count and table sharding decide where arrays live, not what is computed,
+  # so a run may resume on another number of devices.
   changed = sorted(key for key in current
-                   if key not in ("epochs", "checkpoint_every")
+                   if key not in ("epochs", "checkpoint_every", "devices", "shard_embeddings")
                    and saved.get(key) != current[key])
   if changed:
     details = ", ".join(f"{key}: checkpoint {saved.get(key)!r}, now {current[key]!r}"
