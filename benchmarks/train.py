@@ -105,22 +105,26 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, multiple: bool = Fal
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
   """Add optimizer, MG, schedule and evaluation options."""
-  parser.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="adam")
-  parser.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate")
-  parser.add_argument("--weight-decay", type=non_negative_float, default=0.0)
+  parser.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="adam",
+                      help="optax optimizer (default: adam)")
+  parser.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate (default: 1e-3)")
+  parser.add_argument("--weight-decay", type=non_negative_float, default=0.0,
+                      help="L2 weight decay; decoupled for adamw (default: 0)")
   parser.add_argument("--interval", type=positive_int, default=3,
-                      help="MG: every interval-th batch is a mirror batch")
+                      help="MG: every interval-th batch is a mirror batch (default: 3)")
   parser.add_argument("--descent-scale", type=positive_float, default=1.0,
-                      help="MG: scale of the descent step (alpha1)")
+                      help="MG: scale of the descent step, alpha1 (default: 1.0)")
   parser.add_argument("--ascent-scale", type=non_negative_float, default=0.2,
-                      help="MG: scale of the ascent step (alpha2)")
+                      help="MG: scale of the ascent step, alpha2 (default: 0.2)")
   parser.add_argument("--mg-placement", choices=optax_mg.PLACEMENTS, default="gradient",
                       help="MG: scale gradients before the optimizer (gradient, as the"
                            " reference) or the optimizer's updates (update)")
-  parser.add_argument("--batch-size", type=positive_int, default=2048)
+  parser.add_argument("--batch-size", type=positive_int, default=2048,
+                      help="training rows per batch (default: 2048)")
   parser.add_argument("--epochs", type=positive_int, default=1000, help="maximum epochs")
   parser.add_argument("--patience", type=non_negative_int, default=20,
-                      help="evaluations without improvement before stopping")
+                      help="stop once more than this many evaluations in a row did not"
+                           " improve the validation metric, as MMRec does (default: 20)")
   valid_metrics = [f"{m}@{k}" for m in METRIC_NAMES for k in EVALUATION_KS]
   parser.add_argument("--valid-metric", choices=valid_metrics, default="recall@20",
                       metavar="METRIC", help="validation metric for early stopping")
@@ -237,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
   add_parallel_arguments(parser)
   parser.add_argument("--mg", action=argparse.BooleanOptionalAction, default=False,
                       help="train with Mirror Gradient (default: --no-mg)")
-  parser.add_argument("--seed", type=int, default=999)
+  parser.add_argument("--seed", type=int, default=999,
+                      help="seed of initialisation, batch order and negatives (default: 999)")
   parser.add_argument("--out", type=Path,
                       help="output folder (default: runs/<model>-<dataset>-<arm>-seed<S>)")
   parser.add_argument("--resume", action="store_true",
@@ -254,8 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   check_parallel_arguments(args, parser)
   logging.basicConfig(level=args.log_level,
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  # orbax logs every checkpoint write through absl at INFO level.
-  logging.getLogger("absl").setLevel(max(logging.WARNING, logging.getLevelName(args.log_level)))
+  # orbax logs every checkpoint write through absl, and JAX its backend search (a missing
+  # TPU library on CPU machines), at INFO level; neither helps a training log.
+  quiet_level = max(logging.WARNING, logging.getLevelName(args.log_level))
+  logging.getLogger("absl").setLevel(quiet_level)
+  logging.getLogger("jax").setLevel(quiet_level)
 
   dataset = load_data(args, parser)
   try:
