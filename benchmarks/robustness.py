@@ -42,11 +42,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.stats
 from flax import nnx
 from tqdm.auto import tqdm
 
 import optax_mg
+from benchmarks import stats
 from benchmarks.perturb import (ALL_MODALITIES, FAMILIES, FRACTIONS, NOISE_SCALES, Perturbation,
                                 perturb_features, standard_perturbations)
 from benchmarks.train import (add_data_arguments, add_model_arguments, add_training_arguments,
@@ -198,15 +198,10 @@ def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> dict[
   NaN values are left out, and ``n`` counts the values used. The half-width is NaN
   for fewer than 2 values.
   """
-  array = np.asarray([value for value in values if value is not None], dtype=np.float64)
-  array = array[np.isfinite(array)]
-  n = int(array.size)
-  mean = float(array.mean()) if n else math.nan
-  if n < 2:
-    return {"mean": mean, "half_width": math.nan, "n": n}
-  quantile = scipy.stats.t.ppf(0.5 + confidence / 2, df=n - 1)
-  half_width = float(quantile * array.std(ddof=1) / math.sqrt(n))
-  return {"mean": mean, "half_width": half_width, "n": n}
+  values = [math.nan if value is None else value for value in values]
+  summary = stats.summarize(values)
+  low, high = stats.t_interval(values, confidence)
+  return {"mean": summary.mean, "half_width": (high - low) / 2, "n": summary.count}
 
 
 def relative_drop(clean: float, perturbed: float) -> float:
