@@ -26,9 +26,8 @@ import jax
 import numpy as np
 
 import optax_mg
-from benchmarks.train import (add_data_arguments, add_model_arguments, load_data,
-                              make_config, positive_int)
-from benchmarks.train import add_training_arguments
+from benchmarks.train import (add_data_arguments, add_model_arguments, add_training_arguments,
+                              configure_logging, load_data, make_config, positive_int)
 from models.sampling import epoch_batches
 from models.train import TrainingProgram
 
@@ -117,8 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
-  logging.basicConfig(level=args.log_level,
-                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  configure_logging(args.log_level)
   dataset = load_data(args, parser)
 
   runs = []

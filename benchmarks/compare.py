@@ -46,7 +46,8 @@ from tqdm.auto import tqdm
 
 from benchmarks import stats
 from benchmarks.train import (SUMMARY_METRICS, add_data_arguments, add_model_arguments,
-                              add_training_arguments, load_data, make_config, positive_int)
+                              add_training_arguments, configure_logging, load_data,
+                              make_config, positive_int)
 from models.data import Dataset
 from models.train import EarlyStopping, TrainConfig, TrainingProgram, TrainResult, fit
 
@@ -580,8 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = build_parser()
   args = parser.parse_args(argv)
-  logging.basicConfig(level=args.log_level,
-                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  configure_logging(args.log_level)
   _check_arguments(args, parser)
   seeds = _parse_seeds(args, parser)
 

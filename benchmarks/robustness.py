@@ -50,7 +50,8 @@ from benchmarks import stats
 from benchmarks.perturb import (ALL_MODALITIES, FAMILIES, FRACTIONS, NOISE_SCALES, Perturbation,
                                 perturb_features, standard_perturbations)
 from benchmarks.train import (add_data_arguments, add_model_arguments, add_training_arguments,
-                              load_data, make_config, non_negative_int, positive_float,
+                              configure_logging, load_data, make_config, non_negative_int,
+                              positive_float,
                               positive_int)
 from models.data import Dataset
 from models.sampling import Batch, epoch_batches
@@ -655,9 +656,7 @@ def _training_description(args: argparse.Namespace, runs: Sequence[TrainedRun]) 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
-  logging.basicConfig(level=args.log_level,
-                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  logging.getLogger("absl").setLevel(max(logging.WARNING, logging.getLevelName(args.log_level)))
+  configure_logging(args.log_level)
 
   if args.mg_placement is not None:
     parser.error("argument --mg-placement: not used here; choose the placement with --arms"

@@ -66,7 +66,8 @@ import jax
 
 from benchmarks.train import (add_data_arguments, add_model_arguments,
                               add_parallel_arguments, add_training_arguments,
-                              check_parallel_arguments, load_data, make_config,
+                              check_parallel_arguments, configure_logging, load_data,
+                              make_config,
                               positive_int)
 from models.data import Dataset
 from models.registry import MODEL_NAMES
@@ -610,8 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = build_parser()
   args = parser.parse_args(argv)
-  logging.basicConfig(level=args.log_level,
-                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  configure_logging(args.log_level)
   if args.device_counts:
     return _main_device_sweep(args, argv, parser)
   check_parallel_arguments(args, parser)

@@ -166,6 +166,19 @@ def check_parallel_arguments(args: argparse.Namespace, parser: argparse.Argument
       parser.error(f"argument --devices: {error}")
 
 
+def configure_logging(level: str) -> None:
+  """Set up the log format and level that every benchmark entry point uses.
+
+  orbax logs each checkpoint write through absl, and JAX logs its backend search (a
+  missing TPU library on CPU machines), both at INFO level. Neither helps a training log,
+  so both loggers stay at WARNING unless ``level`` is stricter.
+  """
+  logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  quiet_level = max(logging.WARNING, logging.getLevelName(level))
+  logging.getLogger("absl").setLevel(quiet_level)
+  logging.getLogger("jax").setLevel(quiet_level)
+
+
 def load_data(args: argparse.Namespace, parser: argparse.ArgumentParser):
   """Load the dataset the options name, or exit with a parser error."""
   try:
@@ -257,13 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   check_parallel_arguments(args, parser)
-  logging.basicConfig(level=args.log_level,
-                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  # orbax logs every checkpoint write through absl, and JAX its backend search (a missing
-  # TPU library on CPU machines), at INFO level; neither helps a training log.
-  quiet_level = max(logging.WARNING, logging.getLevelName(args.log_level))
-  logging.getLogger("absl").setLevel(quiet_level)
-  logging.getLogger("jax").setLevel(quiet_level)
+  configure_logging(args.log_level)
 
   dataset = load_data(args, parser)
   try:

@@ -1,17 +1,17 @@
 """Compiled training of the recommendation models, with or without Mirror Gradient.
 
 A `TrainingProgram` turns a dataset, a model and a `TrainConfig` into pure, jittable
-functions of explicit state: `init` builds parameters and optimizer state from a seed,
-`train_epoch` runs a whole epoch as one `lax.scan` over fixed-shape batches (negative
-sampling, shuffling, FREEDOM's edge pruning and MG's same-batch second pass included), and
+functions of explicit state. `init` builds parameters and optimizer state from a seed.
+`train_epoch` runs a whole epoch as one `lax.scan` over fixed-shape batches, with negative
+sampling, shuffling, FREEDOM's edge pruning and MG's same-batch second pass inside.
 `evaluate` ranks all items for every user of a split. Because the functions are pure, the
 benchmarks `jax.vmap` them over seeds. `fit` is the host loop around them: early stopping,
 logging, a progress bar, orbax checkpoints and resuming.
 
 Reference trainer behaviour kept: the batch counter restarts every epoch, so the first
-batch of each epoch is a mirror batch; early stopping compares the validation metric
+batch of each epoch is a mirror batch. Early stopping compares the validation metric
 rounded to 4 decimals, an equal value is no improvement, and training stops once the
-count of evaluations without improvement exceeds ``patience``; test metrics are those of
+count of evaluations without improvement exceeds ``patience``. Test metrics are those of
 the best validation epoch. Deviations: an epoch's loss is the mean of its batch losses
 (MMRec logs their sum), and the shuffled order and negatives come from
 ``fold_in(key(seed), epoch)``, so they are the same with and without MG for a seed.
@@ -204,7 +204,7 @@ class TrainingProgram:
     }
     # Arrays derived from the data enter the compiled functions as arguments, not as
     # closed-over constants, which XLA would embed in the program and fold slowly.
-    # Every device holds all of them: each device samples its rows of a batch itself.
+    # Every device has a full copy, because each device samples its rows of a batch.
     self.data = self.sharding.replicate(ProgramData(
         constants=self.constants,
         train_users=jnp.asarray(dataset.train.users, jnp.int32),
@@ -428,7 +428,8 @@ class EarlyStopping:
   """Early stopping as MMRec does it, for one run.
 
   A value improves when, rounded to 4 decimals, it is strictly greater than the best so
-  far; the run should stop once more than ``patience`` evaluations in a row did not.
+  far. The run should stop once more than ``patience`` evaluations in a row did not
+  improve.
   """
 
   def __init__(self, patience: int, best: float | None = None, epochs_without_improvement: int = 0):
@@ -476,7 +477,7 @@ def fit(
 
   Returns:
     A `TrainResult`. When the loss becomes NaN or infinite, training stops, the message
-    names the epoch, and the result holds the best state found before it.
+    names the epoch, and the result contains the best state found before it.
   """
   start = time.perf_counter()
   program = program or TrainingProgram(dataset, config)

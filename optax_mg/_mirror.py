@@ -11,7 +11,7 @@ Two forms are provided:
 * :func:`mirror_gradient`, a step-counted transformation for
   ``optax.chain``. The caller makes two ``update`` calls on a mirror batch: the
   second one with the gradient at the updated parameters, on the same batch.
-  :func:`is_mirror_step` tells the caller when that second call is due.
+  :func:`is_mirror_step` returns whether that second call is due.
 * :func:`with_mirror_gradient`, a wrapper around any optimizer that makes one
   ``update`` call per batch and evaluates the second gradient itself through a
   ``grad_fn`` extra argument. It suits ``lax.scan`` epochs.
@@ -122,11 +122,12 @@ def mirror_gradient(
   * first, ``optax.chain(mirror_gradient(3), optax.adam(lr))``: the scales act
     on the gradient before the optimizer, which is what the reference PyTorch
     trainer does (it scales the loss and calls ``optimizer.step()`` twice).
-    With Adam the negated gradient enters the moment estimates, and the first
-    moment, dominated by earlier descent gradients, turns the "ascent" call
-    into a second descent step: measured on the reference code (FREEDOM and
-    VBPR on TikTok), that update had cosine +0.999 with the descent update and
-    about -0.45 with the gradient, at 0.85 to 0.88 times its size.
+    With Adam the negated gradient enters the moment estimates. The first
+    moment, dominated by earlier descent gradients, then turns the "ascent"
+    call into a second descent step. Measured on the reference PyTorch code
+    (FREEDOM and VBPR on TikTok), that update had cosine +0.999 with the
+    descent update and about -0.45 with the gradient, at 0.85 to 0.88 times
+    its size.
   * last, ``optax.chain(optax.adam(lr), mirror_gradient(3))``: the scales act
     on the optimizer's update, so the mirror call moves the parameters uphill
     by ``ascent_scale`` times an Adam step, as the algorithm in the paper
@@ -209,7 +210,7 @@ def is_mirror_step(opt_state: optax.OptState) -> jax.Array:
   ``optax.MultiSteps``.
 
   .. note::
-    Inside ``optax.MultiSteps`` the answer refers to the next update of the
+    Inside ``optax.MultiSteps`` the result refers to the next update of the
     inner optimizer, which happens only on every ``every_k_schedule``-th call.
 
   Args:
@@ -304,9 +305,10 @@ def with_mirror_gradient(
   of every ``interval`` batches) it makes the inner descent update, calls
   ``grad_fn`` at the updated parameters, makes the inner ascent update, and
   returns the sum of both updates. On other batches it makes one plain inner
-  update and does not evaluate ``grad_fn`` (``lax.cond``; under ``jax.vmap``
-  with a batched state both branches run and a select picks one, so a NaN of
-  the unused branch still does not reach the result).
+  update and does not evaluate ``grad_fn``, because a ``lax.cond`` picks the
+  branch. Under ``jax.vmap`` with a batched state both branches run and a
+  select picks one result, so a NaN of the unused branch still does not reach
+  the output.
 
   The inner optimizer's state advances as in the reference trainer: two inner
   updates on a mirror batch, one on other batches. The resulting parameters
