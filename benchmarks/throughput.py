@@ -67,8 +67,7 @@ import jax
 from benchmarks.train import (add_data_arguments, add_model_arguments,
                               add_parallel_arguments, add_training_arguments,
                               check_parallel_arguments, configure_logging, load_data,
-                              make_config,
-                              positive_int)
+                              make_config, positive_float, positive_int)
 from models.data import Dataset
 from models.registry import MODEL_NAMES
 from models.sampling import num_batches
@@ -387,8 +386,19 @@ def parse_reference(text: str) -> tuple[str, str, float]:
 
 
 def add_reference_speedups(report: dict[str, Any],
-                           references: Sequence[tuple[str, str, float]]) -> None:
-  """Add each given reference epoch time and its speed-up (reference / median) to its arm."""
+                           references: Sequence[tuple[str, str, float]],
+                           eval_seconds: float | None = None) -> None:
+  """Add each given reference time and its speed-up (reference / median) to its arm.
+
+  ``references`` are epoch times per model and arm; ``eval_seconds`` is one evaluation
+  time of validation and test users, compared with every arm's evaluation.
+  """
+  if eval_seconds is not None:
+    for entry in report["models"].values():
+      for arm in entry["arms"].values():
+        arm["reference_eval_seconds"] = eval_seconds
+        arm["eval_speedup_vs_reference"] = (
+            eval_seconds / arm["eval_seconds"]["valid_and_test"]["median"])
   for model, arm, seconds in references:
     if model not in report["models"]:
       logger.warning("ignored the reference epoch time of %s because --models does not"
@@ -405,8 +415,13 @@ def format_table(report: dict[str, Any]) -> str:
                        for arm in model["arms"].values())
   header = ["model", "arm", "compile s", "epoch s median (min-max)", "steps/s", "grad evals/s",
             "MG/plain ratio", "theoretical (i+1)/i", "exact for N batches", "eval valid+test s"]
+  with_eval_reference = any("reference_eval_seconds" in arm
+                            for model in report["models"].values()
+                            for arm in model["arms"].values())
   if with_reference:
     header.append("speed-up vs reference")
+  if with_eval_reference:
+    header.append("eval speed-up vs reference")
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
   for model, entry in report["models"].items():
@@ -427,6 +442,8 @@ def format_table(report: dict[str, Any]) -> str:
       if with_reference:
         speedup = arm.get("speedup_vs_reference")
         row.append("-" if speedup is None else f"{speedup:.2f}x")
+      if with_eval_reference:
+        row.append(f"{arm['eval_speedup_vs_reference']:.2f}x")
       lines.append("| " + " | ".join(row) + " |")
 
   memory = report["memory"]
@@ -604,6 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="epoch times in seconds of another implementation, e.g."
                            " freedom=plain:2.5 freedom=mg:3.1. Adds a speed-up column"
                            " (reference / median)")
+  parser.add_argument("--reference-eval-seconds", type=positive_float, metavar="SECONDS",
+                      help="evaluation time in seconds of validation and test users by"
+                           " another implementation. Adds an evaluation speed-up column")
   return parser
 
 
@@ -641,7 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("%s: MG/plain epoch time %.3f (theoretical %.3f)", model,
                 entry["measured_ratio"]["of_medians"], entry["theoretical_ratio"]["exact"])
   report["memory"] = memory_report()
-  add_reference_speedups(report, args.reference_epoch_seconds)
+  add_reference_speedups(report, args.reference_epoch_seconds, args.reference_eval_seconds)
 
   out = args.out or Path("runs") / f"throughput-{dataset.name}.json"
   out.parent.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ import jax
 
 import optax_mg
 from models.data import DatasetError, load_dataset
+from models.evaluation import DEFAULT_CHUNK_SIZE
 from models.parallel import maybe_initialize_distributed, resolve_device_count
 from models.registry import MODEL_NAMES
 from models.synthetic import make_synthetic_dataset
@@ -128,7 +129,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
   valid_metrics = [f"{m}@{k}" for m in METRIC_NAMES for k in EVALUATION_KS]
   parser.add_argument("--valid-metric", choices=valid_metrics, default="recall@20",
                       metavar="METRIC", help="validation metric for early stopping")
-  parser.add_argument("--eval-chunk-size", type=positive_int, default=1024,
+  parser.add_argument("--eval-chunk-size", type=positive_int, default=DEFAULT_CHUNK_SIZE,
                       help="users scored at once during evaluation")
   parser.add_argument("--log-level", default="INFO",
                       choices=["DEBUG", "INFO", "WARNING", "ERROR"])

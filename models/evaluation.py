@@ -28,7 +28,7 @@ from models.data import Dataset
 
 METRICS = ("recall", "precision", "ndcg", "map")
 DEFAULT_KS = (5, 10, 20, 50)
-DEFAULT_CHUNK_SIZE = 1024
+DEFAULT_CHUNK_SIZE = 256
 
 
 class EvaluationIndex(NamedTuple):
@@ -39,21 +39,32 @@ class EvaluationIndex(NamedTuple):
     num_held_out: jax.Array  # shape=[chunks, chunk_size], dtype=int32; |T_u|, 1 on padding
     train_rows: jax.Array  # shape=[chunks, max_train], dtype=int32; chunk_size on padding
     train_items: jax.Array  # shape=[chunks, max_train], dtype=int32
-    held_out_rows: jax.Array  # shape=[chunks, max_held_out], dtype=int32; chunk_size on padding
-    held_out_items: jax.Array  # shape=[chunks, max_held_out], dtype=int32
+    held_out_rows: jax.Array  # shape=[chunks, groups, group_size], dtype=int32; chunk_size on padding
+    held_out_items: jax.Array  # shape=[chunks, groups, group_size], dtype=int32
 
 
 def _pad_pairs_per_chunk(
-    positions: np.ndarray, items: np.ndarray, chunk_size: int, num_chunks: int
+    positions: np.ndarray,
+    items: np.ndarray,
+    chunk_size: int,
+    num_chunks: int,
+    *,
+    max_group: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Group (user position, item) pairs by chunk into [num_chunks, max_pairs] arrays.
 
     ``positions`` index the evaluated users and must be sorted. Padding entries get the
     row ``chunk_size``, which is out of range, so scatters with ``mode="drop"`` skip them.
+    With ``max_group``, each chunk's pairs are further split into equal groups of at most
+    ``max_group`` pairs, and the arrays are [num_chunks, num_groups, group_size].
     """
     chunk = positions // chunk_size
     counts = np.bincount(chunk, minlength=num_chunks)
     width = max(int(counts.max(initial=0)), 1)
+    num_groups = 1
+    if max_group is not None:
+        num_groups = -(-width // max_group)
+        width = num_groups * -(-width // num_groups)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     slot = np.arange(positions.size) - starts[chunk]
 
@@ -61,6 +72,9 @@ def _pad_pairs_per_chunk(
     cols = np.zeros((num_chunks, width), dtype=np.int32)
     rows[chunk, slot] = positions % chunk_size
     cols[chunk, slot] = items
+    if max_group is not None:
+        rows = rows.reshape(num_chunks, num_groups, -1)
+        cols = cols.reshape(num_chunks, num_groups, -1)
     return rows, cols
 
 
@@ -91,8 +105,10 @@ def build_evaluation_index(
         train_positions, dataset.train.items[is_evaluated], chunk_size, num_chunks
     )
     held_out_positions = np.searchsorted(users, held_out.users)
+    # Ranking a group of held-out pairs reads one score row per pair, so groups of at
+    # most chunk_size pairs keep that buffer within the size of the chunk's scores.
     held_out_rows, held_out_items = _pad_pairs_per_chunk(
-        held_out_positions, held_out.items, chunk_size, num_chunks
+        held_out_positions, held_out.items, chunk_size, num_chunks, max_group=chunk_size
     )
 
     shape = (num_chunks, chunk_size)
@@ -108,17 +124,37 @@ def build_evaluation_index(
     return users, index
 
 
-def _rank_chunk(user_emb, item_emb, users, train_rows, train_items, max_k):
-    """Return the indices of the ``max_k`` top-scored items per user of one chunk.
+def _chunk_scores(user_emb, item_emb, users, train_rows, train_items):
+    """Score every item for one chunk of users, as ranking compares them.
 
     Training items score -inf. NaN scores become the lowest finite float32, so they rank
-    below every finite score and above masked training items.
+    below every finite score and above masked training items. Negative zero becomes zero,
+    so that equal scores always tie.
     """
     scores = user_emb[users] @ item_emb.T
-    scores = jnp.where(jnp.isnan(scores), jnp.finfo(scores.dtype).min, scores)
-    scores = scores.at[train_rows, train_items].set(-jnp.inf, mode="drop")
+    scores = jnp.where(jnp.isnan(scores), jnp.finfo(scores.dtype).min, scores + 0.0)
+    return scores.at[train_rows, train_items].set(-jnp.inf, mode="drop")
+
+
+def _rank_chunk(user_emb, item_emb, users, train_rows, train_items, max_k):
+    """Return the indices of the ``max_k`` top-scored items per user of one chunk."""
+    scores = _chunk_scores(user_emb, item_emb, users, train_rows, train_items)
     _, top_items = jax.lax.top_k(scores, max_k)
     return top_items
+
+
+def _held_out_ranks(scores, rows, items):
+    """Return the 0-based rank of each held-out (row, item) pair within its score row.
+
+    The order is the one `jax.lax.top_k` returns: higher score first, and among equal
+    scores the lower item id first. Counting the items ahead of each pair costs one pass
+    over its row, several times cheaper on CPU than sorting out the top K of every row.
+    """
+    row_scores = scores[rows]
+    held_out = jnp.take_along_axis(row_scores, items[:, None], axis=1)
+    item_ids = jnp.arange(scores.shape[1], dtype=items.dtype)
+    ahead = (row_scores > held_out) | ((row_scores == held_out) & (item_ids < items[:, None]))
+    return jnp.sum(ahead, axis=1, dtype=jnp.int32)
 
 
 def _chunk_metric_sums(hits, num_held_out, user_mask, ks):
@@ -167,14 +203,16 @@ def evaluate(index: EvaluationIndex, user_emb: jax.Array, item_emb: jax.Array, k
     """
     ks = tuple(ks)
     max_k = max(ks)
-    num_items = item_emb.shape[0]
 
     def evaluate_chunk(chunk):
         (users, user_mask, num_held_out, train_rows, train_items, held_out_rows, held_out_items) = chunk
-        top_items = _rank_chunk(user_emb, item_emb, users, train_rows, train_items, max_k)
-        relevant = jnp.zeros((users.shape[0], num_items), dtype=jnp.bool_)
-        relevant = relevant.at[held_out_rows, held_out_items].set(True, mode="drop")
-        hits = jnp.take_along_axis(relevant, top_items, axis=1).astype(jnp.float32)
+        scores = _chunk_scores(user_emb, item_emb, users, train_rows, train_items)
+        ranks = jax.lax.map(
+            lambda group: _held_out_ranks(scores, *group), (held_out_rows, held_out_items)
+        )
+        # Padding pairs (row chunk_size) and ranks beyond max_k fall outside and drop.
+        hits = jnp.zeros((users.shape[0], max_k), dtype=jnp.float32)
+        hits = hits.at[held_out_rows.reshape(-1), ranks.reshape(-1)].set(1.0, mode="drop")
         return _chunk_metric_sums(hits, num_held_out, user_mask, ks)
 
     chunk_sums = jax.lax.map(evaluate_chunk, tuple(index))
@@ -194,8 +232,10 @@ class Evaluator:
       split: "valid" or "test".
       ks: cut-offs K; each must be at most the number of items.
       chunk_size: users scored at once. Peak memory is about
-        ``chunk_size * num_items * 5`` bytes (float32 scores plus a boolean relevance
-        matrix); the default 1024 needs about 120 MB at 23,000 items.
+        ``chunk_size * num_items * 8`` bytes (the float32 scores plus the score rows of
+        up to ``chunk_size`` held-out pairs); the default 256 needs about 47 MB at
+        23,000 items. On CPU, chunks whose scores fit the cache rank fastest (256 took
+        0.6x the time of 1024 on TikTok); accelerators may prefer larger chunks.
 
     Calling the evaluator returns Python floats; ``compute`` is the pure, jittable and
     vmappable version returning jnp scalars.

@@ -142,10 +142,12 @@ def knn_item_graph(
     neighbours = [knn_neighbours(features[name], k, chunk_size=chunk_size) for name in names]
     weights = [np.full((num_items, k), modality_weights[name] / k) for name in names]
 
+    row_length = k * len(names)
     return Graph(
-        rows=jnp.asarray(np.repeat(np.arange(num_items), k * len(names)), dtype=jnp.int32),
+        rows=jnp.asarray(np.repeat(np.arange(num_items), row_length), dtype=jnp.int32),
         cols=jnp.asarray(np.concatenate(neighbours, axis=1).ravel(), dtype=jnp.int32),
         weights=jnp.asarray(np.concatenate(weights, axis=1).ravel(), dtype=jnp.float32),
+        indptr=jnp.arange(0, (num_items + 1) * row_length, row_length, dtype=jnp.int32),
     )
 
 
@@ -228,15 +230,8 @@ class FREEDOM(nnx.Module):
             )
 
         self._build_user_item_graphs(dataset)
-        item_graph = self._build_item_graph(features)
-        self.item_graph_rows = Constant(item_graph.rows)
-        self.item_graph_cols = Constant(item_graph.cols)
-        self.item_graph_weights = Constant(item_graph.weights)
-        # The kNN graph is not symmetric, so its gradient needs the transposed edge list.
-        transposed = transpose_graph(item_graph)
-        self.item_graph_transpose_rows = Constant(transposed.rows)
-        self.item_graph_transpose_cols = Constant(transposed.cols)
-        self.item_graph_transpose_weights = Constant(transposed.weights)
+        for name, value in self._item_graph_arrays(features).items():
+            setattr(self, name, Constant(value))
 
         self.user_embedding = nnx.Param(
             xavier_uniform(rngs.params(), (self.num_users, self.embedding_dim))
@@ -285,6 +280,7 @@ class FREEDOM(nnx.Module):
         self.adjacency_rows = Constant(graph.rows)
         self.adjacency_cols = Constant(graph.cols)
         self.adjacency_weights = Constant(graph.weights)
+        self.adjacency_indptr = Constant(graph.indptr)
 
         edges = training_edges(users, items, self.num_users, self.num_items)
         self.edge_users = Constant(edges.users)
@@ -293,25 +289,36 @@ class FREEDOM(nnx.Module):
         self.edge_item_major_order = Constant(edges.item_major_order)
         self.num_kept_edges = num_kept_edges(len(users), self.dropout)
 
-    def _build_item_graph(self, features: Mapping[str, np.ndarray]) -> Graph:
-        return knn_item_graph(
+    def _item_graph_arrays(self, features: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Build the kNN item-item graph and its transpose, keyed by attribute name."""
+        graph = knn_item_graph(
             features, dict(self.modality_weights), self.knn_k, chunk_size=self.knn_chunk_size
         )
+        # The kNN graph is not symmetric, so its gradient needs the transposed edge list.
+        transposed = transpose_graph(graph, self.num_items)
+        arrays = {}
+        for prefix, edges in (("item_graph", graph), ("item_graph_transpose", transposed)):
+            for field in Graph._fields:
+                arrays[f"{prefix}_{field}"] = getattr(edges, field)
+        return arrays
 
     def full_graph(self) -> Graph:
         """Return the normalised adjacency of all training interactions."""
-        return Graph(self.adjacency_rows[...], self.adjacency_cols[...], self.adjacency_weights[...])
+        return Graph(
+            self.adjacency_rows[...],
+            self.adjacency_cols[...],
+            self.adjacency_weights[...],
+            self.adjacency_indptr[...],
+        )
 
     def item_graph(self) -> Graph:
         """Return the frozen kNN item-item graph."""
-        return Graph(self.item_graph_rows[...], self.item_graph_cols[...], self.item_graph_weights[...])
+        return Graph(*(getattr(self, f"item_graph_{field}")[...] for field in Graph._fields))
 
     def item_graph_transpose(self) -> Graph:
         """Return the transpose of the kNN item-item graph, rows sorted."""
         return Graph(
-            self.item_graph_transpose_rows[...],
-            self.item_graph_transpose_cols[...],
-            self.item_graph_transpose_weights[...],
+            *(getattr(self, f"item_graph_transpose_{field}")[...] for field in Graph._fields)
         )
 
     def train_graph(self, key: jax.Array) -> Graph:
@@ -336,9 +343,8 @@ class FREEDOM(nnx.Module):
         """
         if graph is None:
             graph = self.full_graph()
-        layer_zero = jnp.concatenate([self.user_embedding[...], self.item_embedding[...]])
-        user_item = light_gcn_layers(
-            graph, layer_zero, self.num_layers, self.num_users + self.num_items
+        user_final, item_final = light_gcn_layers(
+            graph, self.user_embedding[...], self.item_embedding[...], self.num_layers
         )
 
         item_graph = self.item_graph()
@@ -348,7 +354,7 @@ class FREEDOM(nnx.Module):
                 item_graph, item_item, self.num_items, transpose=self.item_graph_transpose()
             )
 
-        return user_item[: self.num_users], user_item[self.num_users :] + item_item
+        return user_final, item_final + item_item
 
     def loss(self, batch: Any, graph: Graph | None = None) -> jax.Array:
         """Compute BPR on the final vectors plus the per-modality BPR terms on one batch.
@@ -369,11 +375,13 @@ class FREEDOM(nnx.Module):
         neg_scores = jnp.sum(users * item_final[batch.neg_items], axis=-1)
         total = bpr_loss(pos_scores, neg_scores, mask)
 
+        both_items = jnp.concatenate([batch.pos_items, batch.neg_items])
         for name in self.modalities:
             table = self.feature_tables[name][...]
-            projection = self.projections[name]
-            pos_scores = jnp.sum(users * projection(table[batch.pos_items]), axis=-1)
-            neg_scores = jnp.sum(users * projection(table[batch.neg_items]), axis=-1)
+            projected = self.projections[name](table[both_items])
+            pos_projected, neg_projected = jnp.split(projected, 2)
+            pos_scores = jnp.sum(users * pos_projected, axis=-1)
+            neg_scores = jnp.sum(users * neg_projected, axis=-1)
             total = total + self.reg_weight * bpr_loss(pos_scores, neg_scores, mask)
         return total
 
@@ -392,13 +400,7 @@ class FREEDOM(nnx.Module):
         checked = check_item_features("freedom", features, self.num_items, "the new features")
         check_same_modalities("freedom", checked, dict(self.feature_dims))
 
-        item_graph = self._build_item_graph(checked)
-        self.item_graph_rows.set_value(item_graph.rows)
-        self.item_graph_cols.set_value(item_graph.cols)
-        self.item_graph_weights.set_value(item_graph.weights)
-        transposed = transpose_graph(item_graph)
-        self.item_graph_transpose_rows.set_value(transposed.rows)
-        self.item_graph_transpose_cols.set_value(transposed.cols)
-        self.item_graph_transpose_weights.set_value(transposed.weights)
+        for name, value in self._item_graph_arrays(checked).items():
+            getattr(self, name).set_value(value)
         for name in self.modalities:
             self.feature_tables[name].set_value(jnp.asarray(checked[name]))

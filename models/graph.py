@@ -26,11 +26,17 @@ DEGREE_EPSILON = 1e-7  # added to every node degree before the inverse square ro
 
 
 class Graph(NamedTuple):
-    """Weighted edge list of a normalised adjacency matrix, without its (static) node count."""
+    """Weighted edge list of a normalised adjacency matrix, without its (static) node count.
+
+    ``indptr`` holds the CSR row pointers of the sorted rows. The builders in this module
+    fill it, so that propagation over a graph reused many times does not search for them
+    on every call; a graph without it (None) gets them computed in `propagate`.
+    """
 
     rows: jax.Array  # shape=[nnz], dtype=int32, sorted ascending
     cols: jax.Array  # shape=[nnz], dtype=int32
     weights: jax.Array  # shape=[nnz], dtype=float32
+    indptr: jax.Array | None = None  # shape=[num_rows + 1], dtype=int32
 
 
 class TrainingEdges(NamedTuple):
@@ -124,12 +130,19 @@ def normalized_adjacency(
     cols = np.concatenate([items + num_users, users])
     weights = np.concatenate([weights, weights])
     order = np.lexsort((cols, rows))
+    rows = rows[order]
 
     return Graph(
-        rows=jnp.asarray(rows[order], dtype=jnp.int32),
+        rows=jnp.asarray(rows, dtype=jnp.int32),
         cols=jnp.asarray(cols[order], dtype=jnp.int32),
         weights=jnp.asarray(weights[order], dtype=jnp.float32),
+        indptr=jnp.asarray(host_row_pointers(rows, num_users + num_items)),
     )
+
+
+def host_row_pointers(rows: np.ndarray, num_rows: int) -> np.ndarray:
+    """Return the CSR row pointers ([num_rows + 1], int32) of sorted ``rows`` (numpy)."""
+    return np.searchsorted(rows, np.arange(num_rows + 1), side="left").astype(np.int32)
 
 
 def _row_pointers(rows: jax.Array, num_nodes: int) -> jax.Array:
@@ -139,10 +152,10 @@ def _row_pointers(rows: jax.Array, num_nodes: int) -> jax.Array:
 
 
 def _csr_matmul(graph: Graph, x: jax.Array, num_nodes: int) -> jax.Array:
-    matrix = sparse.BCSR(
-        (graph.weights, graph.cols, _row_pointers(graph.rows, num_nodes)),
-        shape=(num_nodes, x.shape[0]),
-    )
+    indptr = graph.indptr
+    if indptr is None:
+        indptr = _row_pointers(graph.rows, num_nodes)
+    matrix = sparse.BCSR((graph.weights, graph.cols, indptr), shape=(num_nodes, x.shape[0]))
     return matrix @ x
 
 
@@ -168,10 +181,15 @@ def _csr_propagate_backward(num_nodes, residuals, cotangent):
 _csr_propagate.defvjp(_csr_propagate_forward, _csr_propagate_backward)
 
 
-def transpose_graph(graph: Graph) -> Graph:
-    """Return the transpose of ``graph`` with its rows sorted (jittable)."""
+def transpose_graph(graph: Graph, num_columns: int | None = None) -> Graph:
+    """Return the transpose of ``graph`` with its rows sorted (jittable).
+
+    With the (static) ``num_columns`` of ``graph``, the result carries its row pointers.
+    """
     order = jnp.argsort(graph.cols, stable=True)
-    return Graph(rows=graph.cols[order], cols=graph.rows[order], weights=graph.weights[order])
+    rows = graph.cols[order]
+    indptr = None if num_columns is None else _row_pointers(rows, num_columns)
+    return Graph(rows=rows, cols=graph.rows[order], weights=graph.weights[order], indptr=indptr)
 
 
 def propagate(
@@ -206,24 +224,85 @@ def propagate(
     return _csr_propagate(graph, transpose, x, num_nodes)
 
 
-def light_gcn_layers(graph: Graph, x: jax.Array, num_layers: int, num_nodes: int) -> jax.Array:
-    """Propagate ``x`` through ``num_layers`` LightGCN layers and average layers 0..L.
+def _user_item_blocks(graph: Graph, num_users: int, num_items: int) -> tuple[Graph, Graph]:
+    """Split a user-item adjacency into its user-to-item and item-to-user blocks.
+
+    The builders of user-item graphs (`normalized_adjacency`, `prune_edges`) list one
+    entry per edge and direction with rows sorted, so the first half of the entries are
+    the user rows and the second half the item rows: two CSR matrices, found by static
+    slicing. Column and row ids of the blocks count users and items from 0.
+    """
+    half = graph.rows.shape[0] // 2
+    indptr = graph.indptr
+    if indptr is None:
+        indptr = _row_pointers(graph.rows, num_users + num_items)
+    user_rows = Graph(
+        rows=graph.rows[:half],
+        cols=graph.cols[:half] - num_users,
+        weights=graph.weights[:half],
+        indptr=indptr[: num_users + 1],
+    )
+    item_rows = Graph(
+        rows=graph.rows[half:] - num_users,
+        cols=graph.cols[half:],
+        weights=graph.weights[half:],
+        indptr=indptr[num_users:] - half,
+    )
+    return user_rows, item_rows
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _propagate_user_item(user_rows, item_rows, users, items, num_users, num_items):
+    return _csr_matmul(user_rows, items, num_users), _csr_matmul(item_rows, users, num_items)
+
+
+def _propagate_user_item_forward(user_rows, item_rows, users, items, num_users, num_items):
+    outputs = _propagate_user_item(user_rows, item_rows, users, items, num_users, num_items)
+    return outputs, (user_rows, item_rows)
+
+
+def _propagate_user_item_backward(num_users, num_items, residuals, cotangents):
+    # The symmetric adjacency is its own transpose: the gradient with respect to the items
+    # is the item-row block times the users' cotangent, and the other way round.
+    user_rows, item_rows = residuals
+    user_cotangent, item_cotangent = cotangents
+    grad_users, grad_items = _propagate_user_item(
+        user_rows, item_rows, user_cotangent, item_cotangent, num_users, num_items
+    )
+    return None, None, grad_users, grad_items
+
+
+_propagate_user_item.defvjp(_propagate_user_item_forward, _propagate_user_item_backward)
+
+
+def light_gcn_layers(
+    graph: Graph, users: jax.Array, items: jax.Array, num_layers: int
+) -> tuple[jax.Array, jax.Array]:
+    """Propagate user and item embeddings through LightGCN layers and average layers 0..L.
+
+    The users and items stay separate arrays: each layer multiplies the items by the
+    user-row block of ``graph`` and the users by the item-row block, which equals
+    propagating their concatenation over the whole adjacency without building it.
 
     Args:
-      graph: normalised adjacency with sorted rows.
-      x: layer-0 node embeddings, shape ``[num_nodes, d]``.
+      graph: user-item adjacency from `normalized_adjacency` or `prune_edges`.
+      users: layer-0 user embeddings, shape ``[U, d]``.
+      items: layer-0 item embeddings, shape ``[I, d]``.
       num_layers: number of propagation layers L (static, at least 0).
-      num_nodes: number of graph nodes (static).
 
     Returns:
-      The mean of ``x, A x, ..., A^L x``, shape ``[num_nodes, d]``.
+      The means over layers of the users ``[U, d]`` and of the items ``[I, d]``.
     """
-    total = x
-    layer = x
+    num_users, num_items = users.shape[0], items.shape[0]
+    user_rows, item_rows = _user_item_blocks(graph, num_users, num_items)
+    user_total, item_total = users, items
     for _ in range(num_layers):
-        layer = propagate(graph, layer, num_nodes, symmetric=True)
-        total = total + layer
-    return total / (num_layers + 1)
+        users, items = _propagate_user_item(
+            user_rows, item_rows, users, items, num_users, num_items
+        )
+        user_total = user_total + users
+        item_total = item_total + items
+    return user_total / (num_layers + 1), item_total / (num_layers + 1)
 
 
 def training_edges(
@@ -291,7 +370,7 @@ def prune_edges(
       num_items: number of items I (static).
 
     Returns:
-      A `Graph` over ``U + I`` nodes with ``2 * num_kept`` entries.
+      A `Graph` over ``U + I`` nodes with ``2 * num_kept`` entries and its row pointers.
     """
     num_edges = edges.users.shape[0]
     gumbel = jax.random.gumbel(key, (num_edges,), dtype=jnp.float32)
@@ -316,8 +395,13 @@ def prune_edges(
 
     rows = jnp.concatenate([edges.users[user_major], edges.items[item_major] + num_users])
     cols = jnp.concatenate([edges.items[user_major] + num_users, edges.users[item_major]])
+    # The kept degrees count the entries of every row, so their running sum gives the
+    # CSR row pointers without a search.
+    row_lengths = jnp.concatenate([user_degree, item_degree]).astype(jnp.int32)
+    indptr = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(row_lengths, dtype=jnp.int32)])
     return Graph(
         rows=rows.astype(jnp.int32),
         cols=cols.astype(jnp.int32),
         weights=jnp.concatenate([weights[user_major], weights[item_major]]),
+        indptr=indptr,
     )

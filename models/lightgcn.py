@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -92,14 +92,17 @@ def bpr_loss(
     return jnp.sum(jnp.where(mask, per_row, 0.0)) / num_valid_rows(mask)
 
 
-def masked_norm(embeddings: jax.Array, mask: jax.Array) -> jax.Array:
+def masked_norm(embeddings: jax.Array | Sequence[jax.Array], mask: jax.Array) -> jax.Array:
     """Compute the L2 (Frobenius) norm of the valid rows of a ``[B, d]`` matrix.
+
+    ``embeddings`` may also be a sequence of ``[B, d_k]`` column blocks; the result is the
+    norm of their concatenation, computed without building it.
 
     The square root has an infinite derivative at zero, so an all-zero input returns 0
     with a zero gradient instead of NaN.
     """
-    squares = jnp.where(mask[:, None], jnp.square(embeddings), 0.0)
-    total = jnp.sum(squares)
+    blocks = list(embeddings) if isinstance(embeddings, (list, tuple)) else [embeddings]
+    total = sum(jnp.sum(jnp.where(mask[:, None], jnp.square(block), 0.0)) for block in blocks)
     positive = total > 0
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, total, 1.0)), 0.0)
 
@@ -146,6 +149,7 @@ class LightGCN(nnx.Module):
         self.adjacency_rows = Constant(graph.rows)
         self.adjacency_cols = Constant(graph.cols)
         self.adjacency_weights = Constant(graph.weights)
+        self.adjacency_indptr = Constant(graph.indptr)
 
         self.user_embedding = nnx.Param(
             xavier_uniform(rngs.params(), (self.num_users, self.embedding_dim))
@@ -156,7 +160,12 @@ class LightGCN(nnx.Module):
 
     def full_graph(self) -> Graph:
         """Return the normalised adjacency of all training interactions."""
-        return Graph(self.adjacency_rows[...], self.adjacency_cols[...], self.adjacency_weights[...])
+        return Graph(
+            self.adjacency_rows[...],
+            self.adjacency_cols[...],
+            self.adjacency_weights[...],
+            self.adjacency_indptr[...],
+        )
 
     def train_graph(self, key: jax.Array) -> Graph:
         """Return the graph to train on: LightGCN always uses the full graph."""
@@ -171,11 +180,9 @@ class LightGCN(nnx.Module):
         """
         if graph is None:
             graph = self.full_graph()
-        layer_zero = jnp.concatenate([self.user_embedding[...], self.item_embedding[...]])
-        final = light_gcn_layers(
-            graph, layer_zero, self.num_layers, self.num_users + self.num_items
+        return light_gcn_layers(
+            graph, self.user_embedding[...], self.item_embedding[...], self.num_layers
         )
-        return final[: self.num_users], final[self.num_users :]
 
     def loss(self, batch: Any, graph: Graph | None = None) -> jax.Array:
         """Compute BPR plus the layer-0 embedding-norm term on one padded batch.

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 import optax_mg
 from models.data import Dataset
-from models.evaluation import Evaluator, evaluate
+from models.evaluation import DEFAULT_CHUNK_SIZE, Evaluator, evaluate
 from models.parallel import ShardingPlan, make_mesh, make_sharding_plan
 from models.registry import MODEL_NAMES, build_model
 from models.sampling import Batch, NegativeSampler, epoch_batches
@@ -68,7 +68,7 @@ class TrainConfig:
   patience: int = 20
   valid_metric: str = "recall@20"
   seed: int = 999
-  eval_chunk_size: int = 1024
+  eval_chunk_size: int = DEFAULT_CHUNK_SIZE
   checkpoint_every: int = 5
   # Devices of the data-parallel mesh; None means all devices (jax.device_count()).
   devices: int | None = None

@@ -158,14 +158,10 @@ class VBPR(nnx.Module):
     def _concatenate(self, features: Mapping[str, np.ndarray]) -> jax.Array:
         return jnp.asarray(np.concatenate([features[name] for name in self.modalities], axis=1))
 
-    def _item_vectors(self, items: jax.Array | None = None) -> jax.Array:
-        """Return ``concat(id embedding, projected features)`` for ``items`` (all if None)."""
-        ids = self.item_embedding[...]
-        features = self.item_features[...]
-        if items is not None:
-            ids = ids[items]
-            features = features[items]
-        return jnp.concatenate([ids, self.projection(features)], axis=-1)
+    def _item_vectors(self) -> jax.Array:
+        """Return ``concat(id embedding, projected features)`` for every item."""
+        features = self.projection(self.item_features[...])
+        return jnp.concatenate([self.item_embedding[...], features], axis=-1)
 
     def train_graph(self, key: jax.Array) -> None:
         """Return None, because VBPR uses no graph."""
@@ -191,14 +187,28 @@ class VBPR(nnx.Module):
         del graph
         mask = jnp.asarray(batch.mask, dtype=bool)
         users = self.user_embedding[...][batch.users]
-        pos_items = self._item_vectors(batch.pos_items)
-        neg_items = self._item_vectors(batch.neg_items)
+        # An item vector is [id embedding, projected features]; its two parts stay separate
+        # arrays, and one projection serves the positive and the negative items.
+        items = jnp.concatenate([batch.pos_items, batch.neg_items])
+        ids = self.item_embedding[...][items]
+        projected = self.projection(self.item_features[...][items])
+        size = batch.users.shape[0]
+        user_ids, user_features = users[:, : self.embedding_dim], users[:, self.embedding_dim :]
 
-        pos_scores = jnp.sum(users * pos_items, axis=-1)
-        neg_scores = jnp.sum(users * neg_items, axis=-1)
-        ranking_loss = bpr_loss(pos_scores, neg_scores, mask, epsilon=BPR_LOG_EPSILON)
+        def scores(rows: slice) -> jax.Array:
+            return jnp.sum(user_ids * ids[rows], axis=-1) + jnp.sum(
+                user_features * projected[rows], axis=-1
+            )
 
-        norms = masked_norm(users, mask) + masked_norm(pos_items, mask) + masked_norm(neg_items, mask)
+        positive, negative = slice(0, size), slice(size, None)
+        ranking_loss = bpr_loss(
+            scores(positive), scores(negative), mask, epsilon=BPR_LOG_EPSILON
+        )
+        norms = (
+            masked_norm(users, mask)
+            + masked_norm((ids[positive], projected[positive]), mask)
+            + masked_norm((ids[negative], projected[negative]), mask)
+        )
         return ranking_loss + self.reg_weight * norms / num_valid_rows(mask)
 
     def set_item_features(self, features: Mapping[str, np.ndarray]) -> None:

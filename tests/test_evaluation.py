@@ -155,6 +155,22 @@ def test_matches_numpy_reference(synthetic, split):
         assert metrics[name] == pytest.approx(value, abs=1e-6), name
 
 
+@pytest.mark.parametrize("chunk_size", [1, 64, 256])
+def test_tied_scores_rank_lower_item_first(synthetic, chunk_size):
+    # Small integer embeddings make most scores tie, zeros with either sign included;
+    # ties must go to the lower item id, as jax.lax.top_k and a stable sort order them.
+    dataset, _, _ = synthetic
+    rng = np.random.default_rng(5)
+    user_emb = jnp.asarray(rng.integers(-1, 2, size=(300, 3)), jnp.float32)
+    item_emb = jnp.asarray(rng.integers(-1, 2, size=(200, 3)), jnp.float32)
+    item_emb = item_emb.at[:, 0].multiply(-1.0)  # -0.0 entries give -0.0 products
+    ks = (5, 20, 50)
+    metrics = Evaluator(dataset, "test", ks=ks, chunk_size=chunk_size)(user_emb, item_emb)
+    expected = numpy_reference(dataset, "test", user_emb, item_emb, ks)
+    for name, value in expected.items():
+        assert metrics[name] == pytest.approx(value, abs=1e-6), name
+
+
 def test_informative_embeddings_score_higher(synthetic):
     # Sanity check that the metrics react to signal: embeddings that put each user's
     # test items on top give recall@50 = 1.

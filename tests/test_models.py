@@ -164,8 +164,33 @@ def test_light_gcn_layers_mean_over_layers():
     dense = dense_adjacency(TINY_USERS, TINY_ITEMS, 3, 4)
 
     expected = (x + dense @ x + dense @ dense @ x) / 3
-    np.testing.assert_allclose(light_gcn_layers(graph, jnp.asarray(x), 2, 7), expected, rtol=1e-5)
-    np.testing.assert_allclose(light_gcn_layers(graph, jnp.asarray(x), 0, 7), x)
+    users, items = light_gcn_layers(graph, jnp.asarray(x[:3]), jnp.asarray(x[3:]), 2)
+    np.testing.assert_allclose(np.concatenate([users, items]), expected, rtol=1e-5)
+    users, items = light_gcn_layers(graph, jnp.asarray(x[:3]), jnp.asarray(x[3:]), 0)
+    np.testing.assert_allclose(np.concatenate([users, items]), x)
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_light_gcn_layers_gradient_matches_dense(pruned):
+    num_users, num_items = 3, 4
+    graph = normalized_adjacency(TINY_USERS, TINY_ITEMS, num_users, num_items)
+    dense = dense_adjacency(TINY_USERS, TINY_ITEMS, num_users, num_items)
+    if pruned:
+        edges = training_edges(TINY_USERS, TINY_ITEMS, num_users, num_items)
+        graph = prune_edges(jax.random.key(3), edges, 3, num_users, num_items)
+        dense = np.zeros_like(dense)
+        dense[np.asarray(graph.rows), np.asarray(graph.cols)] = np.asarray(graph.weights)
+    x = jax.random.normal(jax.random.key(2), (num_users + num_items, 3))
+
+    def sparse_loss(x):
+        users, items = light_gcn_layers(graph, x[:num_users], x[num_users:], 2)
+        return jnp.sum(jnp.sin(jnp.concatenate([users, items])))
+
+    def dense_loss(x):
+        return jnp.sum(jnp.sin((x + dense @ x + dense @ (dense @ x)) / 3))
+
+    np.testing.assert_allclose(sparse_loss(x), dense_loss(x), rtol=1e-5)
+    np.testing.assert_allclose(jax.grad(sparse_loss)(x), jax.grad(dense_loss)(x), rtol=1e-4, atol=1e-6)
 
 
 def star_graph():

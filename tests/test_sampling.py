@@ -9,7 +9,14 @@ import pytest
 from scipy import stats
 
 from models.data import Dataset, DatasetError, load_dataset
-from models.sampling import Batch, NegativeSampler, epoch_batches, num_batches
+from models.sampling import (
+    Batch,
+    NegativeSampler,
+    _sort_rounds,
+    epoch_batches,
+    num_batches,
+    permutation,
+)
 from models.synthetic import make_synthetic_dataset
 
 DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -176,3 +183,46 @@ def test_num_batches():
     assert num_batches(1, 2048) == 1
     with pytest.raises(ValueError, match="batch_size must be positive"):
         num_batches(10, 0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 1000, 2**16, 2**16 + 1, 300_000])
+def test_permutation_holds_every_index_once(n):
+    order = np.asarray(jax.jit(permutation, static_argnums=1)(jax.random.key(n), n))
+    assert order.dtype == np.int32
+    np.testing.assert_array_equal(np.sort(order), np.arange(n))
+
+
+def test_permutation_depends_only_on_key():
+    first = permutation(jax.random.key(0), 1000)
+    np.testing.assert_array_equal(first, permutation(jax.random.key(0), 1000))
+    assert not np.array_equal(first, permutation(jax.random.key(1), 1000))
+
+
+def test_permutation_uniform_over_all_orders():
+    # All 24 orders of 4 items should be equally likely.
+    keys = jax.random.split(jax.random.key(7), 48_000)
+    orders = np.asarray(jax.jit(jax.vmap(lambda key: permutation(key, 4)))(keys))
+    codes = orders @ np.array([64, 16, 4, 1])
+    counts = np.unique(codes, return_counts=True)[1]
+    assert counts.size == 24
+    assert stats.chisquare(counts).pvalue > 1e-3
+
+
+def test_permutation_positions_uniform_on_tiktok_size():
+    # Where row 0 and the last row land, over many epochs, is uniform over the positions.
+    n = 59_541
+    keys = jax.random.split(jax.random.key(3), 400)
+    orders = np.asarray(jax.jit(jax.vmap(lambda key: permutation(key, n)))(keys))
+    for row in (0, n - 1):
+        positions = np.argmax(orders == row, axis=1)
+        assert stats.kstest(positions / n, "uniform").pvalue > 1e-3
+
+
+def test_sort_rounds_meet_the_tie_criterion():
+    # Ties in all rounds must be as unlikely as with jax.random.permutation: n**3 <= 2**(r b).
+    for n in (2, 10, 59_541, 218_409, 2**20, 2**28):
+        index_bits, rounds = _sort_rounds(n)
+        assert 2**index_bits >= n
+        assert n**3 <= 2 ** (rounds * (32 - index_bits))
+    assert _sort_rounds(59_541) == (16, 3)
+    assert _sort_rounds(2**28 + 1) is None

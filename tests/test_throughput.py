@@ -20,6 +20,7 @@ REPEATS = 2
 BATCH_SIZE = 1024
 INTERVAL = 5
 REFERENCE_SECONDS = 1.5
+REFERENCE_EVAL_SECONDS = 0.9
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +30,7 @@ def run(tmp_path_factory):
   argv = ["--models", *MODELS, "--repeats", str(REPEATS), "--warmup", "1",
           "--batch-size", str(BATCH_SIZE), "--interval", str(INTERVAL),
           "--reference-epoch-seconds", f"freedom=mg:{REFERENCE_SECONDS}",
+          "--reference-eval-seconds", str(REFERENCE_EVAL_SECONDS),
           "--out", str(out), "--log-level", "WARNING"]
   printed = io.StringIO()
   with contextlib.redirect_stdout(printed):
@@ -165,6 +167,15 @@ def test_reference_speedup(run):
   assert "speedup_vs_reference" not in report["models"]["freedom"]["arms"]["plain"]
 
 
+def test_reference_eval_speedup(run):
+  report, printed = run
+  for model, name, arm in _arms(report):
+    evals = arm["eval_seconds"]["valid_and_test"]
+    assert arm["eval_speedup_vs_reference"] == pytest.approx(
+        REFERENCE_EVAL_SECONDS / evals["median"]), (model, name)
+  assert "eval speed-up vs reference" in printed
+
+
 def test_environment_recorded(run):
   report, _ = run
   env = report["environment"]
@@ -195,7 +206,7 @@ def test_table_has_row_per_arm(run):
   report, printed = run
   lines = printed.splitlines()
   assert lines[0].startswith("| model | arm | compile s | epoch s median (min-max) |")
-  assert lines[0].rstrip().endswith("| speed-up vs reference |")
+  assert lines[0].rstrip().endswith("| speed-up vs reference | eval speed-up vs reference |")
   rows = [line for line in lines if line.startswith("| freedom |")]
   assert len(rows) == len(MODELS) * len(throughput.ARMS)
   mg_row = next(row for row in rows if row.startswith("| freedom | MG (gradient)"))
