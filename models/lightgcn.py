@@ -67,7 +67,7 @@ def num_valid_rows(mask: jax.Array) -> jax.Array:
 
 def bpr_loss(
     pos_scores: jax.Array,
-    neg_scores: jax.Array,
+    neg_scores: jax.Array | float,
     mask: jax.Array,
     *,
     epsilon: float | None = None,
@@ -76,7 +76,8 @@ def bpr_loss(
 
     Args:
       pos_scores: scores of the positive items, shape ``[B]``.
-      neg_scores: scores of the negative items, shape ``[B]``.
+      neg_scores: scores of the negative items, shape ``[B]``, or 0 when ``pos_scores``
+        already holds the score differences.
       mask: bool ``[B]``; rows where it is False contribute exactly zero.
       epsilon: if given, compute ``-log(epsilon + sigmoid(.))`` as MMRec's ``BPRLoss``
         does; otherwise use the exact ``log_sigmoid``.
