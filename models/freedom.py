@@ -38,7 +38,7 @@ What the port changes:
   difference of the positive and negative item's features, which gives the same value
   and gradients as projecting both items (or the whole table). The projection bias
   cancels in that difference, so its gradient is exactly zero, where the reference's is
-  zero up to rounding; the bias enters no other output.
+  zero up to rounding. The bias enters no other output.
 - `FREEDOM.embed` propagates the full graph once per evaluation instead of once per batch
   of users.
 """
@@ -379,9 +379,9 @@ class FREEDOM(nnx.Module):
         total = bpr_loss(pos_scores, neg_scores, mask)
 
         for name in self.modalities:
-            # BPR sees only the score difference, linear in the projected features, so
-            # one projection of the feature difference serves both items; the bias
-            # cancels. This halves the matmul work of projecting each item.
+            # BPR depends only on the score difference, which is linear in the projected
+            # features. One projection of the feature difference therefore serves both
+            # items, and the bias cancels. This halves the matmul work.
             table = self.feature_tables[name][...]
             difference = table[batch.pos_items] - table[batch.neg_items]
             projected = difference @ self.projections[name].kernel[...]

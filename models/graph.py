@@ -28,9 +28,9 @@ DEGREE_EPSILON = 1e-7  # added to every node degree before the inverse square ro
 class Graph(NamedTuple):
     """Weighted edge list of a normalised adjacency matrix, without its (static) node count.
 
-    ``indptr`` holds the CSR row pointers of the sorted rows. The builders in this module
+    ``indptr`` contains the CSR row pointers of the sorted rows. The builders in this module
     fill it, so that propagation over a graph reused many times does not search for them
-    on every call; a graph without it (None) gets them computed in `propagate`.
+    on every call. For a graph without it (None), `propagate` computes them.
     """
 
     rows: jax.Array  # shape=[nnz], dtype=int32, sorted ascending
@@ -228,9 +228,9 @@ def _user_item_blocks(graph: Graph, num_users: int, num_items: int) -> tuple[Gra
     """Split a user-item adjacency into its user-to-item and item-to-user blocks.
 
     The builders of user-item graphs (`normalized_adjacency`, `prune_edges`) list one
-    entry per edge and direction with rows sorted, so the first half of the entries are
-    the user rows and the second half the item rows: two CSR matrices, found by static
-    slicing. Column and row ids of the blocks count users and items from 0.
+    entry per edge and direction with rows sorted. The first half of the entries are
+    therefore the user rows and the second half the item rows, so static slices give the
+    two CSR matrices. Column and row ids of the blocks count users and items from 0.
     """
     half = graph.rows.shape[0] // 2
     indptr = graph.indptr

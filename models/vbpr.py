@@ -187,7 +187,7 @@ class VBPR(nnx.Module):
         del graph
         mask = jnp.asarray(batch.mask, dtype=bool)
         users = self.user_embedding[...][batch.users]
-        # An item vector is [id embedding, projected features]; its two parts stay separate
+        # An item vector is [id embedding, projected features]. Its two parts stay separate
         # arrays, and one projection serves the positive and the negative items.
         items = jnp.concatenate([batch.pos_items, batch.neg_items])
         ids = self.item_embedding[...][items]

@@ -157,8 +157,8 @@ def test_matches_numpy_reference(synthetic, split):
 
 @pytest.mark.parametrize("chunk_size", [1, 64, 256])
 def test_tied_scores_rank_lower_item_first(synthetic, chunk_size):
-    # Small integer embeddings make most scores tie, zeros with either sign included;
-    # ties must go to the lower item id, as jax.lax.top_k and a stable sort order them.
+    # Small integer embeddings make most scores tie, zeros with either sign included.
+    # Ties must go to the lower item id, as jax.lax.top_k and a stable sort order them.
     dataset, _, _ = synthetic
     rng = np.random.default_rng(5)
     user_emb = jnp.asarray(rng.integers(-1, 2, size=(300, 3)), jnp.float32)

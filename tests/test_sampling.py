@@ -186,7 +186,7 @@ def test_num_batches():
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 17, 1000, 2**16, 2**16 + 1, 300_000])
-def test_permutation_holds_every_index_once(n):
+def test_permutation_contains_every_index_once(n):
     order = np.asarray(jax.jit(permutation, static_argnums=1)(jax.random.key(n), n))
     assert order.dtype == np.int32
     np.testing.assert_array_equal(np.sort(order), np.arange(n))
