@@ -34,6 +34,11 @@ whether the losses after the first and the last epoch equal those of the smalles
 Virtual CPU devices share the same CPUs, so on CPU the sweep measures the overhead of
 partitioning and checks the results, but cannot show a speed-up.
 
+NOTE: models measured later in one process can run slower than alone. On a 2-core CPU,
+FREEDOM measured after LightGCN and VBPR took 0.38 s per epoch in 6 of 9 repeats against
+0.23 s in the others and in a process of its own; the cause is not known. For stable
+figures, run one model per process.
+
 The benchmark sets no thread count. XLA sizes its CPU thread pools from the CPUs the process
 may run on, so run it under ``taskset -c LIST`` to use fewer CPUs; the JSON records the CPU
 affinity. Writes ``--out`` (default ``runs/throughput-<dataset>.json``) and prints a

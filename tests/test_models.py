@@ -127,6 +127,34 @@ def test_normalized_adjacency_matches_dense():
     )
 
 
+def assert_row_pointers(graph, num_rows):
+    rows = np.asarray(graph.rows)
+    expected = np.searchsorted(rows, np.arange(num_rows + 1), side="left")
+    assert graph.indptr.dtype == jnp.int32
+    np.testing.assert_array_equal(graph.indptr, expected)
+
+
+def test_graph_builders_fill_row_pointers():
+    assert_row_pointers(normalized_adjacency(TINY_USERS, TINY_ITEMS, 3, 4), 7)
+    edges = training_edges(TINY_USERS, TINY_ITEMS, 3, 4)
+    for seed in range(5):
+        pruned = prune_edges(jax.random.key(seed), edges, 3, 3, 4)
+        assert_row_pointers(pruned, 7)
+    features = {"image": np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)}
+    item_graph = knn_item_graph(features, {"image": 1.0}, 2)
+    assert_row_pointers(item_graph, 6)
+    assert_row_pointers(transpose_graph(item_graph, 6), 6)
+    assert transpose_graph(item_graph).indptr is None
+
+
+def test_propagate_without_row_pointers():
+    graph = normalized_adjacency(TINY_USERS, TINY_ITEMS, 3, 4)
+    x = jax.random.normal(jax.random.key(0), (7, 5))
+    np.testing.assert_array_equal(
+        propagate(graph._replace(indptr=None), x, 7), propagate(graph, x, 7)
+    )
+
+
 def test_normalized_adjacency_sorts_unsorted_input():
     order = np.array([5, 2, 0, 4, 1, 3])
     graph = normalized_adjacency(TINY_USERS[order], TINY_ITEMS[order], 3, 4)
@@ -168,6 +196,9 @@ def test_light_gcn_layers_mean_over_layers():
     np.testing.assert_allclose(np.concatenate([users, items]), expected, rtol=1e-5)
     users, items = light_gcn_layers(graph, jnp.asarray(x[:3]), jnp.asarray(x[3:]), 0)
     np.testing.assert_allclose(np.concatenate([users, items]), x)
+    without_pointers = graph._replace(indptr=None)
+    users, items = light_gcn_layers(without_pointers, jnp.asarray(x[:3]), jnp.asarray(x[3:]), 2)
+    np.testing.assert_allclose(np.concatenate([users, items]), expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize("pruned", [False, True])
