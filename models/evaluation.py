@@ -132,7 +132,10 @@ def _chunk_scores(user_emb, item_emb, users, train_rows, train_items):
     so that equal scores always tie.
     """
     scores = user_emb[users] @ item_emb.T
-    scores = jnp.where(jnp.isnan(scores), jnp.finfo(scores.dtype).min, scores + 0.0)
+    # XLA folds `scores + 0.0` to `scores`, so a select turns -0.0 into 0.0. top_k would
+    # otherwise rank 0.0 above -0.0, where comparisons see a tie.
+    scores = jnp.where(scores == 0, 0.0, scores)
+    scores = jnp.where(jnp.isnan(scores), jnp.finfo(scores.dtype).min, scores)
     return scores.at[train_rows, train_items].set(-jnp.inf, mode="drop")
 
 

@@ -136,11 +136,11 @@ def normalized_adjacency(
         rows=jnp.asarray(rows, dtype=jnp.int32),
         cols=jnp.asarray(cols[order], dtype=jnp.int32),
         weights=jnp.asarray(weights[order], dtype=jnp.float32),
-        indptr=jnp.asarray(host_row_pointers(rows, num_users + num_items)),
+        indptr=jnp.asarray(_host_row_pointers(rows, num_users + num_items)),
     )
 
 
-def host_row_pointers(rows: np.ndarray, num_rows: int) -> np.ndarray:
+def _host_row_pointers(rows: np.ndarray, num_rows: int) -> np.ndarray:
     """Return the CSR row pointers ([num_rows + 1], int32) of sorted ``rows`` (numpy)."""
     return np.searchsorted(rows, np.arange(num_rows + 1), side="left").astype(np.int32)
 

@@ -171,6 +171,23 @@ def test_tied_scores_rank_lower_item_first(synthetic, chunk_size):
         assert metrics[name] == pytest.approx(value, abs=1e-6), name
 
 
+def test_signed_zero_scores_tie(tiny):
+    # Items 1 and 3 score -0.0 and items 2 and 4 score 0.0, so ids decide among them.
+    dataset, user_emb, _ = tiny
+    item_emb = jnp.asarray([[5.0], [-0.0], [0.0], [-0.0], [0.0], [-1.0], [-2.0], [-3.0]])
+    evaluator = Evaluator(dataset, "test", ks=(5,))
+    np.testing.assert_array_equal(evaluator.top_items(user_emb, item_emb)[0], [1, 2, 3, 4, 5])
+
+    # User 0 (item 0 masked) finds its held-out items 1 and 5 at ranks 1 and 5. User 1
+    # (item 7 masked) ranks item 0 first and finds its items 2, 3 and 4 at ranks 3 to 5.
+    d = log2_discount
+    user0_ndcg = (d(1) + d(5)) / (d(1) + d(2))
+    user1_ndcg = (d(3) + d(4) + d(5)) / (d(1) + d(2) + d(3))
+    metrics = evaluator(user_emb, item_emb)
+    assert metrics["recall@5"] == pytest.approx(1.0)
+    assert metrics["ndcg@5"] == pytest.approx((user0_ndcg + user1_ndcg) / 2)
+
+
 def test_informative_embeddings_score_higher(synthetic):
     # Sanity check that the metrics react to signal: embeddings that put each user's
     # test items on top give recall@50 = 1.
