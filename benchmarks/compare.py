@@ -237,7 +237,7 @@ def train_seeds_vmap(program: TrainingProgram, seeds: Sequence[int], *, progress
   compile_seconds = time.perf_counter() - compile_start
 
   train_seconds = 0.0
-  bar = tqdm(range(config.epochs), desc=label, disable=not progress, unit="epoch")
+  bar = tqdm(range(config.epochs), desc=label, disable=None if progress else True, unit="epoch")
   for epoch in bar:
     active = [run.active for run in runs]
     if not any(active):
@@ -287,7 +287,7 @@ def train_seeds_loop(program: TrainingProgram, seeds: Sequence[int], *, progress
   """Train ``seeds`` one after another with `models.train.fit`, sharing ``program``."""
   start = time.perf_counter()
   runs, compile_seconds, train_seconds = [], 0.0, 0.0
-  for seed in tqdm(list(seeds), desc=label, disable=not progress, unit="seed"):
+  for seed in tqdm(list(seeds), desc=label, disable=None if progress else True, unit="seed"):
     config = dataclasses.replace(program.config, seed=seed)
     result = fit(program.dataset, config, progress=False, program=program)
     runs.append(SeedRun.from_fit(result))

@@ -333,7 +333,7 @@ def measure_model(dataset: Dataset, runs: Sequence[TrainedRun],
     runs_by_seed[run.seed].append(run)
   tasks = [(seed, perturbation) for seed in sorted(runs_by_seed) for perturbation in perturbations]
   for seed, perturbation in tqdm(tasks, desc=f"{runs[0].model} perturbations", unit="perturbation",
-                                 disable=not progress):
+                                 disable=None if progress else True):
     # Drawn once per (seed, perturbation), so every arm of this seed gets the same features.
     features = perturb_features(dataset.features, perturbation, seed) if uses_features else None
     for run in runs_by_seed[seed]:
@@ -351,7 +351,7 @@ def measure_model(dataset: Dataset, runs: Sequence[TrainedRun],
   if flatness is not None:
     probe = FlatnessProbe(program, flatness)
     batches_used = probe.num_batches
-    for run in tqdm(runs, desc=f"{runs[0].model} flatness", unit="run", disable=not progress):
+    for run in tqdm(runs, desc=f"{runs[0].model} flatness", unit="run", disable=None if progress else True):
       records[id(run)]["flatness"] = probe(run.params)
 
   result = {

@@ -608,7 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
   add_training_arguments(parser)
   parser.add_argument("--warmup", type=positive_int, default=1,
                       help="untimed epochs and evaluations per arm before the timed ones. The"
-                           " first epoch is the first call, timed separately (default: 1)")
+                           " first epoch is the first call, timed separately (at least 1;"
+                           " default: 1)")
   parser.add_argument("--repeats", type=positive_int, default=5,
                       help="timed epochs and evaluations per arm (default: 5)")
   parser.add_argument("--seed", type=int, default=999,

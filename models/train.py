@@ -531,7 +531,8 @@ def fit(
   stop_reason = f"reached {config.epochs} epochs"
   early_stop_reason = f"early stopping: no improvement for {config.patience + 1} evaluations"
   bar = tqdm(range(first_epoch, config.epochs), desc=f"{config.model}{' MG' if config.mg else ''}",
-             disable=not progress or jax.process_index() != 0, unit="epoch")
+             # None hides the bar when standard error is not a terminal (a log file).
+             disable=None if progress and jax.process_index() == 0 else True, unit="epoch")
   for epoch in bar:
     if stopping.should_stop:
       stop_reason = early_stop_reason
