@@ -251,13 +251,19 @@ def _user_item_blocks(graph: Graph, num_users: int, num_items: int) -> tuple[Gra
     return user_rows, item_rows
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _propagate_user_item(user_rows, item_rows, users, items, num_users, num_items):
+def _user_item_products(user_rows, item_rows, users, items, num_users, num_items):
     return _csr_matmul(user_rows, items, num_users), _csr_matmul(item_rows, users, num_items)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _propagate_user_item(user_rows, item_rows, users, items, num_users, num_items):
+    return _user_item_products(user_rows, item_rows, users, items, num_users, num_items)
+
+
+# The rules call the plain products, not the custom_vjp function, so that forward-mode
+# autodiff of the gradient (Hessian-vector products in optax_mg.flatness) works.
 def _propagate_user_item_forward(user_rows, item_rows, users, items, num_users, num_items):
-    outputs = _propagate_user_item(user_rows, item_rows, users, items, num_users, num_items)
+    outputs = _user_item_products(user_rows, item_rows, users, items, num_users, num_items)
     return outputs, (user_rows, item_rows)
 
 
@@ -266,7 +272,7 @@ def _propagate_user_item_backward(num_users, num_items, residuals, cotangents):
     # is the item-row block times the users' cotangent, and the other way round.
     user_rows, item_rows = residuals
     user_cotangent, item_cotangent = cotangents
-    grad_users, grad_items = _propagate_user_item(
+    grad_users, grad_items = _user_item_products(
         user_rows, item_rows, user_cotangent, item_cotangent, num_users, num_items
     )
     return None, None, grad_users, grad_items

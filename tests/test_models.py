@@ -223,6 +223,12 @@ def test_light_gcn_layers_gradient_matches_dense(pruned):
     np.testing.assert_allclose(sparse_loss(x), dense_loss(x), rtol=1e-5)
     np.testing.assert_allclose(jax.grad(sparse_loss)(x), jax.grad(dense_loss)(x), rtol=1e-4, atol=1e-6)
 
+    # Hessian-vector products (forward mode over the gradient), as optax_mg.flatness uses.
+    direction = jax.random.normal(jax.random.key(4), x.shape)
+    sparse_hvp = jax.jvp(jax.grad(sparse_loss), (x,), (direction,))[1]
+    dense_hvp = jax.jvp(jax.grad(dense_loss), (x,), (direction,))[1]
+    np.testing.assert_allclose(sparse_hvp, dense_hvp, rtol=1e-4, atol=1e-6)
+
 
 def star_graph():
     """User 0 interacts with all 20 items; user 1 + i interacts with item i only."""
