@@ -109,7 +109,8 @@ def normalized_adjacency(
 
     A has a 1 for every training interaction in both directions and no self-loops. The
     degree of every node gets ``DEGREE_EPSILON`` before the inverse square root, as
-    MMRec's LightGCN does, so isolated nodes stay finite. Built on the host with numpy.
+    MMRec's LightGCN does, so isolated nodes stay finite. The edge list is built on the
+    host with numpy.
 
     Args:
       users: user id of every training interaction.
@@ -130,19 +131,14 @@ def normalized_adjacency(
     cols = np.concatenate([items + num_users, users])
     weights = np.concatenate([weights, weights])
     order = np.lexsort((cols, rows))
-    rows = rows[order]
+    rows = jnp.asarray(rows[order], dtype=jnp.int32)
 
     return Graph(
-        rows=jnp.asarray(rows, dtype=jnp.int32),
+        rows=rows,
         cols=jnp.asarray(cols[order], dtype=jnp.int32),
         weights=jnp.asarray(weights[order], dtype=jnp.float32),
-        indptr=jnp.asarray(_host_row_pointers(rows, num_users + num_items)),
+        indptr=_row_pointers(rows, num_users + num_items),
     )
-
-
-def _host_row_pointers(rows: np.ndarray, num_rows: int) -> np.ndarray:
-    """Return the CSR row pointers ([num_rows + 1], int32) of sorted ``rows`` (numpy)."""
-    return np.searchsorted(rows, np.arange(num_rows + 1), side="left").astype(np.int32)
 
 
 def _row_pointers(rows: jax.Array, num_nodes: int) -> jax.Array:
@@ -151,10 +147,15 @@ def _row_pointers(rows: jax.Array, num_nodes: int) -> jax.Array:
     return jnp.searchsorted(rows, nodes, side="left").astype(jnp.int32)
 
 
+def _graph_row_pointers(graph: Graph, num_rows: int) -> jax.Array:
+    """Return ``graph.indptr``, or compute the row pointers when the graph has none."""
+    if graph.indptr is None:
+        return _row_pointers(graph.rows, num_rows)
+    return graph.indptr
+
+
 def _csr_matmul(graph: Graph, x: jax.Array, num_nodes: int) -> jax.Array:
-    indptr = graph.indptr
-    if indptr is None:
-        indptr = _row_pointers(graph.rows, num_nodes)
+    indptr = _graph_row_pointers(graph, num_nodes)
     matrix = sparse.BCSR((graph.weights, graph.cols, indptr), shape=(num_nodes, x.shape[0]))
     return matrix @ x
 
@@ -233,9 +234,7 @@ def _user_item_blocks(graph: Graph, num_users: int, num_items: int) -> tuple[Gra
     two CSR matrices. Column and row ids of the blocks count users and items from 0.
     """
     half = graph.rows.shape[0] // 2
-    indptr = graph.indptr
-    if indptr is None:
-        indptr = _row_pointers(graph.rows, num_users + num_items)
+    indptr = _graph_row_pointers(graph, num_users + num_items)
     user_rows = Graph(
         rows=graph.rows[:half],
         cols=graph.cols[:half] - num_users,
